@@ -1,0 +1,40 @@
+"""Lily adapters (Low-Rank Interconnected Adaptation across Layers) for diffusers models."""
+
+from .adapter import LilyAdapter, add_lily, remove_lily
+from .budget import count_lily_parameters, count_lora_parameters, lily_config_for_lora_budget
+from .config import LilyConfig
+from .layer import LilyMergeError
+from .peft_import import import_peft_lily
+from .pipeline import (
+    disable_lily,
+    enable_lily,
+    fuse_lily,
+    load_lily_weights,
+    set_lily_adapter,
+    set_lily_scale,
+    unload_lily_weights,
+)
+from .serialization import WEIGHTS_NAME, LilyFileError, lily_state_dict, save_lily_weights
+
+__all__ = [
+    "WEIGHTS_NAME",
+    "LilyAdapter",
+    "LilyConfig",
+    "LilyFileError",
+    "LilyMergeError",
+    "add_lily",
+    "count_lily_parameters",
+    "count_lora_parameters",
+    "disable_lily",
+    "enable_lily",
+    "fuse_lily",
+    "import_peft_lily",
+    "lily_config_for_lora_budget",
+    "lily_state_dict",
+    "load_lily_weights",
+    "remove_lily",
+    "save_lily_weights",
+    "set_lily_adapter",
+    "set_lily_scale",
+    "unload_lily_weights",
+]

@@ -1,0 +1,173 @@
+"""`LilyAdapter` and the verbs that put it into a model and take it out (`add_lily`, `remove_lily`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import LilyConfig
+from .functional import lily_delta
+from .layer import LilyLinear, LilyMergeError
+from .sharing import LayerSlot, LilyLayout, build_layout
+
+ADAPTERS_ATTRIBUTE = "lily_adapters"
+
+
+class LilyAdapter(nn.Module):
+    """Owns one adapter's unique parameters, each exactly once.
+
+    `lily_A[i]` is `[r, in]`, `lily_B[g]` is group g's expert pool `[num_B, r, out]` and
+    `lily_router[j]` is layer j's router `[num_B, r]`; `layout` says which layer uses which.
+    `adapter.parameters()` is what an optimizer needs and `num_parameters` the true count.
+    """
+
+    def __init__(self, config: LilyConfig, layout: LilyLayout, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.layout = layout
+        self.scale = 1.0
+        self.enabled = True
+        self.layers: dict[str, LilyLinear] = {}  # module path -> wrapped layer (not owned)
+        r, num_B = config.r, config.num_B
+        kwargs = {"device": device, "dtype": torch.float32}
+        self.lily_A = nn.ParameterList(
+            nn.Parameter(torch.empty(r, group.in_features, **kwargs))
+            for group in layout.groups
+            for _ in range(group.num_A(layout.stride_A))
+        )
+        self.lily_B = nn.ParameterList(
+            nn.Parameter(torch.empty(num_B, r, group.out_features, **kwargs)) for group in layout.groups
+        )
+        self.lily_router = nn.ParameterList(
+            nn.Parameter(torch.empty(num_B, r, **kwargs)) for _ in range(layout.num_layers)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A and routers Kaiming-uniform (a=sqrt(5)); B zero, or Kaiming when `init_weights=False`."""
+        for weight in [*self.lily_A, *self.lily_router]:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        for pool in self.lily_B:
+            if self.config.init_weights:
+                nn.init.zeros_(pool)
+            else:  # the same fan-in as a Linear(out, num_B * r), like peft
+                with torch.no_grad():
+                    nn.init.kaiming_uniform_(pool.view(-1, pool.shape[-1]), a=math.sqrt(5))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def delta(self, x: torch.Tensor, slot: LayerSlot) -> torch.Tensor:
+        """The adapter's output for one layer's input."""
+        return lily_delta(
+            x,
+            self.lily_A[slot.a_index],
+            self.lily_router[slot.router_index],
+            self.lily_B[slot.group],
+            self.config.scaling * self.scale,
+            self.config.routing,
+        )
+
+    def merge(self, *args: object) -> None:
+        raise LilyMergeError()
+
+    def __repr__(self) -> str:  # the parameter lists are long; summarise them
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={self.config.r}, stride_A={self.config.stride_A}, num_B={self.config.num_B}, "
+            f"layers={self.layout.num_layers}, groups={len(self.layout.groups)}, A={self.layout.num_A}, "
+            f"parameters={self.num_parameters:,}"
+        )
+
+
+def lily_adapters(model: nn.Module) -> dict[str, LilyAdapter]:
+    """The Lily adapters in `model`, by name (empty when there are none)."""
+    container = getattr(model, ADAPTERS_ATTRIBUTE, None)
+    return dict(container.items()) if isinstance(container, nn.ModuleDict) else {}
+
+
+def get_lily_adapter(model: nn.Module, adapter_name: str = "default") -> LilyAdapter:
+    adapters = lily_adapters(model)
+    if adapter_name not in adapters:
+        raise KeyError(
+            f"{type(model).__name__} has no Lily adapter named {adapter_name!r}; it has {sorted(adapters) or 'none'}."
+        )
+    return adapters[adapter_name]
+
+
+def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default") -> LilyAdapter:
+    """Wrap every targeted Linear of `model` and attach a new adapter, which becomes the active one.
+
+    Like peft, the model's own parameters are frozen; the adapter's are trainable and in fp32.
+    The adapter is registered as `model.lily_adapters[adapter_name]` so it moves with `model.to()`.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}.")
+    if adapter_name in lily_adapters(model):
+        raise ValueError(
+            f"{type(model).__name__} already has a Lily adapter named {adapter_name!r}; "
+            "remove_lily(model, name) first or choose another name."
+        )
+    config.validate()
+    layout = build_layout(model, config)
+    first_layer = model.get_submodule(layout.groups[0].paths[0])
+    adapter = LilyAdapter(config, layout, device=first_layer.weight.device)
+    for path, slot in layout.slots.items():
+        layer = model.get_submodule(path)
+        if not isinstance(layer, LilyLinear):
+            layer = LilyLinear(layer)
+            _replace_submodule(model, path, layer)
+        layer.adapters[adapter_name] = adapter
+        layer.slots[adapter_name] = slot
+        layer.active_adapter = adapter_name
+        adapter.layers[path] = layer
+    if not isinstance(getattr(model, ADAPTERS_ATTRIBUTE, None), nn.ModuleDict):
+        setattr(model, ADAPTERS_ATTRIBUTE, nn.ModuleDict())
+    getattr(model, ADAPTERS_ATTRIBUTE)[adapter_name] = adapter
+    _freeze_all_but_lily(model)
+    return adapter
+
+
+def remove_lily(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Remove one adapter (or all); layers left with none get their original `nn.Linear` back."""
+    adapters = lily_adapters(model)
+    names = list(adapters) if adapter_name is None else [adapter_name]
+    for name in names:
+        adapter = get_lily_adapter(model, name)
+        for path, layer in adapter.layers.items():
+            del layer.adapters[name]
+            del layer.slots[name]
+            if layer.active_adapter == name:
+                layer.active_adapter = None
+            if not layer.adapters:
+                _replace_submodule(model, path, layer.restored_layer())
+        adapter.layers = {}
+        del getattr(model, ADAPTERS_ATTRIBUTE)[name]
+    if not lily_adapters(model) and hasattr(model, ADAPTERS_ATTRIBUTE):
+        delattr(model, ADAPTERS_ATTRIBUTE)
+
+
+def activate_lily(model: nn.Module, adapter_name: str | None) -> None:
+    """Make `adapter_name` the active adapter of every Lily layer (None: none active)."""
+    if adapter_name is not None:
+        get_lily_adapter(model, adapter_name)
+    for adapter in lily_adapters(model).values():
+        for layer in adapter.layers.values():
+            layer.active_adapter = adapter_name if adapter_name in layer.adapters else None
+
+
+def _replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def _freeze_all_but_lily(model: nn.Module) -> None:
+    lily = {id(p) for adapter in lily_adapters(model).values() for p in adapter.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in lily:
+            parameter.requires_grad_(False)

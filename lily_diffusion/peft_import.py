@@ -1,0 +1,126 @@
+"""Import a peft Lily adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+
+peft saves one copy of every shared tensor per layer (design §5, defect 2); the import keeps one,
+after checking that the copies peft wrote really are equal wherever our layout shares. peft's
+layouts that cannot be expressed (a regex target that makes q and v share, defect 4; an
+overlapping-suffix group chosen by set order, defect 5) fail that check with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapter import LilyAdapter, add_lily, lily_adapters, remove_lily
+from .config import LilyConfig
+from .serialization import LilyComponentWeights, LilyFileError, check_fits, copy_into_adapter
+from .sharing import LilyLayout, build_layout
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_KEY_PREFIXES: tuple[str, ...] = ("base_model.model.", "unet.", "text_encoder.", "text_encoder_2.")
+PEFT_SUFFIXES = {"A": ".lily_A.weight", "B": ".lily_B.weight", "router": ".lily_router.weight"}
+
+
+def read_peft_lily(peft_dir: str | os.PathLike[str], model: nn.Module, routing: str = "batch") -> LilyComponentWeights:
+    """Convert a peft Lily folder to our config and one-copy tensors for `model` (nothing is changed)."""
+    folder = Path(peft_dir)
+    config_path, weights_path = folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a peft adapter folder: it needs {PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME}."
+        )
+    peft_config = json.loads(config_path.read_text())
+    if str(peft_config.get("peft_type", "")).upper() != "LILY":
+        raise LilyFileError(f"{config_path} is a peft {peft_config.get('peft_type')!r} adapter, not a Lily adapter.")
+    config = LilyConfig.from_peft(peft_config, routing=routing)
+    try:
+        peft_tensors = load_file(str(weights_path))
+    except SafetensorError as error:
+        raise LilyFileError(f"{weights_path} is not a readable safetensors file: {error}") from error
+    layout = build_layout(model, config)
+    per_layer = _per_layer_tensors(peft_tensors, layout, weights_path)
+    tensors = _deduplicate(per_layer, layout, config)
+    return LilyComponentWeights(config, tensors)
+
+
+def import_peft_lily(
+    model: nn.Module, peft_dir: str | os.PathLike[str], adapter_name: str = "default", routing: str = "batch"
+) -> LilyAdapter:
+    """Add the peft adapter in `peft_dir` to `model` as a Lily adapter (save it with `save_lily_weights`).
+
+    `routing="batch"` (the default) computes exactly what peft computes; pass "sample" to get
+    batch-invariant outputs from the same weights.
+    """
+    weights = read_peft_lily(peft_dir, model, routing)
+    check_fits(model, weights, "peft")
+    if adapter_name in lily_adapters(model):
+        remove_lily(model, adapter_name)
+    adapter = add_lily(model, weights.config, adapter_name)
+    copy_into_adapter(adapter, weights.tensors)
+    return adapter
+
+
+def _per_layer_tensors(
+    peft_tensors: dict[str, torch.Tensor], layout: LilyLayout, source: Path
+) -> dict[tuple[str, str], torch.Tensor]:
+    """`(module path, kind) -> tensor` with peft's key prefixes stripped; every layer must be complete."""
+    found: dict[tuple[str, str], torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in peft_tensors.items():
+        kind = next((k for k, suffix in PEFT_SUFFIXES.items() if key.endswith(suffix)), None)
+        path = _module_path(key[: -len(PEFT_SUFFIXES[kind])], layout) if kind else None
+        if path is None:
+            unexpected.append(key)
+        else:
+            found[(path, kind)] = tensor
+    missing = [
+        f"{path}{PEFT_SUFFIXES[kind]}" for path in layout.slots for kind in PEFT_SUFFIXES if (path, kind) not in found
+    ]
+    if missing or unexpected:
+        raise LilyFileError(
+            f"{source} does not match this model: missing {len(missing)} ({missing[:3]}), "
+            f"unexpected {len(unexpected)} ({unexpected[:3]})."
+        )
+    return found
+
+
+def _module_path(key_path: str, layout: LilyLayout) -> str | None:
+    candidates = [key_path] + [key_path[len(p) :] for p in PEFT_KEY_PREFIXES if key_path.startswith(p)]
+    candidates += [c[len(p) :] for c in candidates[1:] for p in PEFT_KEY_PREFIXES if c.startswith(p)]
+    return next((c for c in candidates if c in layout.slots), None)
+
+
+def _deduplicate(
+    per_layer: dict[tuple[str, str], torch.Tensor], layout: LilyLayout, config: LilyConfig
+) -> dict[str, torch.Tensor]:
+    """Keep one copy per shared tensor, after checking every copy equals it."""
+    tensors: dict[str, torch.Tensor] = {}
+    for group in layout.groups:
+        for start, leader in enumerate(group.a_leaders(layout.stride_A)):
+            block = group.paths[start * layout.stride_A : (start + 1) * layout.stride_A]
+            tensors[f"{leader}.lily_A.weight"] = _one_copy(per_layer, block, "A")
+        pool = _one_copy(per_layer, group.paths, "B")
+        tensors[f"{group.key}.lily_B"] = pool.reshape(config.num_B, config.r, pool.shape[-1])
+        for path in group.paths:
+            tensors[f"{path}.lily_router.weight"] = per_layer[(path, "router")]
+    return tensors
+
+
+def _one_copy(per_layer: dict[tuple[str, str], torch.Tensor], paths: tuple[str, ...], kind: str) -> torch.Tensor:
+    first = per_layer[(paths[0], kind)]
+    for path in paths[1:]:
+        if not torch.equal(per_layer[(path, kind)], first):
+            raise LilyFileError(
+                f"The peft adapter does not share {kind} the way lily_diffusion does: {path} and {paths[0]} "
+                f"hold different {kind} weights although they share one here (target name + shape groups, "
+                "stride_A blocks in registration order). peft builds other groups for a regex target_modules "
+                "or overlapping suffixes; re-train with a list of suffixes."
+            )
+    return first

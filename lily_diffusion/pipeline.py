@@ -1,0 +1,133 @@
+"""Pipeline-level verbs: load / unload / scale / switch Lily adapters on a diffusers pipeline or a bare model."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from torch import nn
+
+from .adapter import LilyAdapter, activate_lily, add_lily, get_lily_adapter, lily_adapters, remove_lily
+from .layer import LilyMergeError
+from .serialization import COMPONENTS, LilyComponentWeights, check_fits, copy_into_adapter, read_lily_file
+
+logger = logging.getLogger(__name__)
+
+
+def components_of(pipe_or_model: object) -> dict[str, nn.Module]:
+    """The adaptable components: a pipeline's unet / text encoders that are present, or the model itself."""
+    if isinstance(pipe_or_model, nn.Module):
+        return {"model": pipe_or_model}
+    found = {name: getattr(pipe_or_model, name, None) for name in COMPONENTS}
+    found = {name: module for name, module in found.items() if isinstance(module, nn.Module)}
+    if not found:
+        raise TypeError(
+            f"Expected a diffusers pipeline with unet/text_encoder/text_encoder_2 or an nn.Module, "
+            f"got {type(pipe_or_model).__name__}."
+        )
+    return found
+
+
+def load_lily_weights(
+    pipe_or_model: object,
+    path_or_dir: str | os.PathLike[str],
+    adapter_name: str = "default",
+    scale: float = 1.0,
+    component: str | None = None,
+) -> None:
+    """Load a `pytorch_lily_weights.safetensors` (or the folder holding it) into a pipeline or model.
+
+    For a pipeline, every component in the file is loaded into the pipeline's component of that
+    name. For a bare model, the file's only component is used, or the one named by `component`.
+    Everything is checked before anything changes: a failed load leaves the model as it was.
+    An adapter already loaded under `adapter_name` is replaced.
+    """
+    file_components = read_lily_file(path_or_dir)
+    targets = _pair_components(pipe_or_model, file_components, component, path_or_dir)
+    for name, (model, weights) in targets.items():
+        check_fits(model, weights, name)
+    for model, weights in targets.values():
+        if adapter_name in lily_adapters(model):
+            remove_lily(model, adapter_name)
+        adapter = add_lily(model, weights.config, adapter_name)
+        copy_into_adapter(adapter, weights.tensors)
+        adapter.scale = float(scale)
+    logger.info("Loaded Lily adapter %r into %s.", adapter_name, ", ".join(targets))
+
+
+def _pair_components(
+    pipe_or_model: object,
+    file_components: dict[str, LilyComponentWeights],
+    component: str | None,
+    source: object,
+) -> dict[str, tuple[nn.Module, LilyComponentWeights]]:
+    if isinstance(pipe_or_model, nn.Module):
+        if component is None:
+            if len(file_components) != 1:
+                raise ValueError(
+                    f"{source} holds adapters for {sorted(file_components)}; pass component=... to pick one "
+                    "for a bare model, or load into the pipeline."
+                )
+            component = next(iter(file_components))
+        if component not in file_components:
+            raise ValueError(f"{source} has no {component!r} adapter; it has {sorted(file_components)}.")
+        return {component: (pipe_or_model, file_components[component])}
+    available = components_of(pipe_or_model)
+    lacking = sorted(set(file_components) - set(available))
+    if lacking:
+        raise ValueError(f"{source} has adapters for {lacking}, which this pipeline does not have.")
+    return {name: (available[name], weights) for name, weights in file_components.items()}
+
+
+def unload_lily_weights(pipe_or_model: object, adapter_name: str | None = None) -> None:
+    """Remove the named adapter (or all Lily adapters) from every component; originals come back."""
+    for model in components_of(pipe_or_model).values():
+        if adapter_name is None or adapter_name in lily_adapters(model):
+            remove_lily(model, adapter_name)
+
+
+def set_lily_scale(pipe_or_model: object, scale: float, adapter_name: str | None = None) -> None:
+    """Multiply the adapter's output by `scale` (on top of its config's `scaling`); 0 turns it off."""
+    for adapter in _selected_adapters(pipe_or_model, adapter_name):
+        adapter.scale = float(scale)
+
+
+def set_lily_adapter(pipe_or_model: object, adapter_name: str | None) -> None:
+    """Make `adapter_name` the active Lily adapter of every component that has it (None: no adapter)."""
+    models = [
+        m for m in components_of(pipe_or_model).values() if adapter_name is None or adapter_name in lily_adapters(m)
+    ]
+    if not models:
+        raise KeyError(f"No component has a Lily adapter named {adapter_name!r}.")
+    for model in components_of(pipe_or_model).values():
+        if lily_adapters(model):
+            activate_lily(model, adapter_name if adapter_name in lily_adapters(model) else None)
+
+
+def disable_lily(pipe_or_model: object, adapter_name: str | None = None) -> None:
+    """Switch adapters off without removing them (outputs equal the base model's)."""
+    for adapter in _selected_adapters(pipe_or_model, adapter_name):
+        adapter.enabled = False
+
+
+def enable_lily(pipe_or_model: object, adapter_name: str | None = None) -> None:
+    """Switch adapters back on after `disable_lily`."""
+    for adapter in _selected_adapters(pipe_or_model, adapter_name):
+        adapter.enabled = True
+
+
+def fuse_lily(pipe_or_model: object) -> None:
+    """Always raises: a Lily update depends on the input, so it cannot be fused into the weights."""
+    raise LilyMergeError()
+
+
+def _selected_adapters(pipe_or_model: object, adapter_name: str | None) -> list[LilyAdapter]:
+    models = components_of(pipe_or_model).values()
+    if adapter_name is None:
+        selected = [adapter for model in models for adapter in lily_adapters(model).values()]
+    else:
+        selected = [get_lily_adapter(m, adapter_name) for m in models if adapter_name in lily_adapters(m)]
+    if not selected:
+        what = f"named {adapter_name!r}" if adapter_name else "at all"
+        raise KeyError(f"No Lily adapter {what} is loaded here.")
+    return selected

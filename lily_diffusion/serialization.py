@@ -1,0 +1,212 @@
+"""The one-copy safetensors format (design §3): readable keys, config in the metadata, strict checks.
+
+Keys, below a component prefix (`unet.`, `text_encoder.`, `text_encoder_2.`):
+  `{leader module path}.lily_A.weight`   an A, named after the first layer it serves   [r, in]
+  `{target}@{out}x{in}.lily_B`           a group's expert pool                         [num_B, r, out]
+  `{module path}.lily_router.weight`     one router per layer                          [num_B, r]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapter import LilyAdapter, get_lily_adapter
+from .config import LilyConfig
+from .sharing import LilyLayout, build_layout
+
+WEIGHTS_NAME = "pytorch_lily_weights.safetensors"
+FORMAT = "lily_diffusion"
+FORMAT_VERSION = "1"
+COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+CONFIG_KEY_PREFIX = "lily_config."
+
+
+class LilyFileError(ValueError):
+    """A Lily weights file that cannot be used: unreadable, of another format, or not for this model."""
+
+
+@dataclass(frozen=True)
+class LilyComponentWeights:
+    """The part of a Lily file for one pipeline component."""
+
+    config: LilyConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def layout_tensors(adapter: LilyAdapter) -> Iterator[tuple[str, nn.Parameter]]:
+    """`(key, parameter)` for each unique parameter of the adapter, keyed as in the file."""
+    layout = adapter.layout
+    for index, leader in enumerate(layout.a_leaders()):
+        yield f"{leader}.lily_A.weight", adapter.lily_A[index]
+    for index, group in enumerate(layout.groups):
+        yield f"{group.key}.lily_B", adapter.lily_B[index]
+    for path, slot in layout.slots.items():
+        yield f"{path}.lily_router.weight", adapter.lily_router[slot.router_index]
+
+
+def expected_shapes(layout: LilyLayout, config: LilyConfig) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes a file must hold for `config` on a model with this layout."""
+    r, num_B = config.r, config.num_B
+    shapes: dict[str, tuple[int, ...]] = {}
+    for group in layout.groups:
+        for leader in group.a_leaders(layout.stride_A):
+            shapes[f"{leader}.lily_A.weight"] = (r, group.in_features)
+        shapes[f"{group.key}.lily_B"] = (num_B, r, group.out_features)
+        for path in group.paths:
+            shapes[f"{path}.lily_router.weight"] = (num_B, r)
+    return shapes
+
+
+def lily_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's parameters under their file keys (no component prefix), each tensor once."""
+    adapter = get_lily_adapter(model, adapter_name)
+    return {key: parameter.detach() for key, parameter in layout_tensors(adapter)}
+
+
+def save_lily_weights(
+    save_directory: str | os.PathLike[str],
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    weight_name: str = WEIGHTS_NAME,
+) -> Path:
+    """Write the adapter of each given component to `save_directory/weight_name`, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    for component, model in zip(COMPONENTS, (unet, text_encoder, text_encoder_2), strict=True):
+        if model is None:
+            continue
+        config = get_lily_adapter(model, adapter_name).config
+        for key, tensor in lily_state_dict(model, adapter_name).items():
+            tensors[f"{component}.{key}"] = tensor.contiguous().cpu()
+        metadata[CONFIG_KEY_PREFIX + component] = config.to_json()
+    if not tensors:
+        raise ValueError("save_lily_weights needs at least one of unet, text_encoder, text_encoder_2.")
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / weight_name
+    write_atomically(target, tensors, metadata)
+    return target
+
+
+def write_atomically(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def resolve_weights_path(path_or_dir: str | os.PathLike[str], weight_name: str = WEIGHTS_NAME) -> Path:
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / weight_name
+    if not path.is_file():
+        raise FileNotFoundError(f"No Lily weights file at {path}.")
+    return path
+
+
+def read_lily_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LilyComponentWeights]:
+    """Read and check a Lily file; returns its components (config and tensors) by name."""
+    path = resolve_weights_path(path_or_dir)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+            _check_format(path, metadata, keys)
+            tensors = {key: handle.get_tensor(key) for key in keys}
+    except SafetensorError as error:
+        raise LilyFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    components: dict[str, LilyComponentWeights] = {}
+    for component in COMPONENTS:
+        prefix = f"{component}."
+        own = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+        config_json = metadata.get(CONFIG_KEY_PREFIX + component)
+        if config_json is None:
+            if own:
+                raise LilyFileError(
+                    f"{path} has {component} tensors but no '{CONFIG_KEY_PREFIX}{component}' metadata."
+                )
+            continue
+        try:
+            config = LilyConfig.from_json(config_json)
+        except (TypeError, ValueError) as error:
+            raise LilyFileError(f"{path}: invalid Lily config for {component}: {error}") from error
+        components[component] = LilyComponentWeights(config, own)
+    stray = sorted(k for k in tensors if not k.startswith(tuple(f"{c}." for c in components)))
+    if stray:
+        raise LilyFileError(f"{path} has keys outside its components {sorted(components)}: {_few(stray)}.")
+    if not components:
+        raise LilyFileError(f"{path} holds no Lily component.")
+    return components
+
+
+def _check_format(path: Path, metadata: dict[str, str], keys: list[str]) -> None:
+    file_format = metadata.get("format")
+    if file_format != FORMAT:
+        if any("lora" in key.lower() for key in keys):
+            hint = "it looks like a LoRA file: load it with pipe.load_lora_weights()"
+        elif any(".lily_" in key for key in keys):
+            hint = "it looks like a peft Lily adapter: convert it with lily_diffusion.import_peft_lily()"
+        else:
+            hint = f"its metadata format is {file_format!r}"
+        raise LilyFileError(f"{path} is not a lily_diffusion file ({hint}).")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LilyFileError(
+            f"{path} has lily_diffusion format_version {version!r}; this version reads {FORMAT_VERSION!r}. "
+            "Upgrade lily_diffusion or re-save the adapter."
+        )
+
+
+def check_fits(model: nn.Module, weights: LilyComponentWeights, component: str) -> LilyLayout:
+    """Rebuild the layout on `model` and check every key and shape against it (nothing is changed)."""
+    try:
+        layout = build_layout(model, weights.config)
+    except (TypeError, ValueError) as error:
+        raise LilyFileError(f"The {component} adapter does not fit {type(model).__name__}: {error}") from error
+    expected = expected_shapes(layout, weights.config)
+    mismatched = [
+        f"{key}: file {tuple(weights.tensors[key].shape)}, model {shape}"
+        for key, shape in expected.items()
+        if key in weights.tensors and tuple(weights.tensors[key].shape) != shape
+    ]
+    if mismatched:
+        raise LilyFileError(
+            f"The {component} adapter was saved for a model of other widths; shape mismatches "
+            f"({len(mismatched)}): {_few(mismatched)}."
+        )
+    missing = sorted(set(expected) - set(weights.tensors))
+    unexpected = sorted(set(weights.tensors) - set(expected))
+    if missing or unexpected:
+        raise LilyFileError(
+            f"The {component} adapter does not match {type(model).__name__} (saved for another model?): "
+            f"missing keys ({len(missing)}): {_few(missing)}; unexpected keys ({len(unexpected)}): {_few(unexpected)}."
+        )
+    return layout
+
+
+def copy_into_adapter(adapter: LilyAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors into the adapter's parameters (keeping the adapter's dtype and device)."""
+    with torch.no_grad():
+        for key, parameter in layout_tensors(adapter):
+            parameter.copy_(tensors[key])
+
+
+def _few(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "") if items else "none"

@@ -1,0 +1,149 @@
+"""Which layers Lily adapts and which of them share an A or a B pool (design §2).
+
+The layout is a pure function of the config and the model's module names and shapes: the saver,
+the loader and the parameter counter all rebuild it the same way, so files need no index.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LilyConfig
+from .layer import LilyLinear
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """Where one adapted layer takes its parameters from."""
+
+    path: str
+    group: int
+    a_index: int
+    router_index: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """Layers with the same target name and weight shape: one B pool, A shared every stride_A layers."""
+
+    target: str
+    out_features: int
+    in_features: int
+    paths: tuple[str, ...]
+    first_a_index: int
+
+    @property
+    def key(self) -> str:
+        """Readable, order-independent name of the group, e.g. `to_k@640x2048`."""
+        return f"{self.target}@{self.out_features}x{self.in_features}"
+
+    def num_A(self, stride_A: int) -> int:
+        return math.ceil(len(self.paths) / stride_A)
+
+    def a_leaders(self, stride_A: int) -> tuple[str, ...]:
+        """The first layer served by each A of the group (the A is named after it)."""
+        return self.paths[::stride_A]
+
+
+@dataclass(frozen=True)
+class LilyLayout:
+    """The sharing of one adapter over one model."""
+
+    groups: tuple[Group, ...]
+    slots: dict[str, LayerSlot]
+    stride_A: int
+
+    @property
+    def num_A(self) -> int:
+        return sum(group.num_A(self.stride_A) for group in self.groups)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.slots)
+
+    def a_leaders(self) -> list[str]:
+        """Leader path of every A, in A-index order."""
+        return [path for group in self.groups for path in group.a_leaders(self.stride_A)]
+
+
+def target_name(module_path: str, target_modules: list[str] | str) -> str | None:
+    """The target a module path matches, or None.
+
+    For a list: the longest entry the path equals or ends with (as `.entry`), never set order.
+    For a regex (full match on the path): the path's final component, where a trailing numeric
+    index counts with its parent (`...to_out.0` -> `to_out.0`).
+    """
+    if isinstance(target_modules, str):
+        if re.fullmatch(target_modules, module_path) is None:
+            return None
+        parts = module_path.split(".")
+        if len(parts) > 1 and parts[-1].isdigit():
+            return ".".join(parts[-2:])
+        return parts[-1]
+    matches = [t for t in target_modules if module_path == t or module_path.endswith("." + t)]
+    return max(matches, key=len) if matches else None
+
+
+def is_excluded(module_path: str, exclude_modules: list[str] | str | None) -> bool:
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, module_path) is not None
+    return any(module_path == e or module_path.endswith("." + e) for e in exclude_modules)
+
+
+def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, nn.Linear]]:
+    """`(path, target name, base Linear)` for every module the config adapts, in registration order.
+
+    Raises `TypeError` for a matched module that is not an `nn.Linear`, and `ValueError` when
+    nothing matches.
+    """
+    found: list[tuple[str, str, nn.Linear]] = []
+    inside_lily: list[str] = []
+    for path, module in model.named_modules():
+        if not path or path.startswith("lily_adapters"):
+            continue
+        if any(path.startswith(prefix) for prefix in inside_lily):
+            continue  # the wrapped Linear and adapter internals are not candidates themselves
+        if isinstance(module, LilyLinear):
+            inside_lily.append(path + ".")
+            base = module.base_layer
+        else:
+            base = module
+        target = target_name(path, config.target_modules)
+        if target is None or is_excluded(path, config.exclude_modules):
+            continue
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"Lily can only adapt nn.Linear layers, but target {target!r} matched {path!r} "
+                f"of type {type(base).__name__}. Narrow target_modules or add it to exclude_modules."
+            )
+        found.append((path, target, base))
+    if not found:
+        linear_names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
+        raise ValueError(
+            f"LilyConfig.target_modules={config.target_modules!r} matches no module of "
+            f"{type(model).__name__}. Some of its Linear layers: {linear_names}."
+        )
+    return found
+
+
+def build_layout(model: nn.Module, config: LilyConfig) -> LilyLayout:
+    """Group the targets by (target name, weight shape) and assign A's, B pools and routers."""
+    members: dict[tuple[str, int, int], list[str]] = {}
+    for path, target, base in find_targets(model, config):
+        members.setdefault((target, base.out_features, base.in_features), []).append(path)
+    groups: list[Group] = []
+    slots: dict[str, LayerSlot] = {}
+    a_offset = 0
+    for group_index, ((target, out_features, in_features), paths) in enumerate(members.items()):
+        group = Group(target, out_features, in_features, tuple(paths), a_offset)
+        for position, path in enumerate(paths):
+            slots[path] = LayerSlot(path, group_index, a_offset + position // config.stride_A, len(slots))
+        a_offset += group.num_A(config.stride_A)
+        groups.append(group)
+    return LilyLayout(tuple(groups), slots, config.stride_A)

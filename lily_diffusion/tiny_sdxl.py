@@ -1,0 +1,116 @@
+"""A tiny pipeline of the SDXL architecture, built from configs with random weights.
+
+Used by the tests, the benchmarks and the examples: no hub, no download. Every component has the
+same class and conditioning as `stabilityai/stable-diffusion-xl-base-1.0` (text_time added
+embeddings, two CLIP text encoders, the second with a projection), only narrower.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+DEFAULT_WORDS: tuple[str, ...] = tuple(
+    "a photo of sks star circle square triangle red green blue yellow white black gray "
+    "on the background with stripes striped dog cat".split()
+)
+
+TEXT_HIDDEN = 32
+TEXT_PROJECTION = 32
+TIME_EMBED = 8
+
+
+def build_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> CLIPTokenizer:
+    """A word-level CLIP tokenizer over `words` (every word one token, plus the special tokens)."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = sorted({c for w in words for c in w})
+    vocab: dict[str, int] = {}
+    for token in specials + chars + [c + "</w>" for c in chars] + [w + "</w>" for w in dict.fromkeys(words)]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in dict.fromkeys(words):
+        # Merge left to right so that every whole word becomes a single token.
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            merged = pieces[0] + pieces[1]
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged, *pieces[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=16)
+
+
+def build_text_encoders(vocab_size: int, seed: int = 0) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """Two tiny CLIP text encoders; the second has the projection SDXL pools from."""
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=TEXT_PROJECTION, **common))
+    return text_encoder, text_encoder_2
+
+
+def build_unet(seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+    """SDXL-type UNet: text_time conditioning, two down levels with 1 and 2 transformer layers."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_PROJECTION,
+        norm_num_groups=8,
+    )
+
+
+def build_vae(seed: int = 0) -> AutoencoderKL:
+    """A tiny VAE with the SDXL latent layout (4 channels, 1/2 resolution here)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+
+
+def build_tiny_sdxl_pipeline(
+    seed: int = 0, words: tuple[str, ...] | list[str] = DEFAULT_WORDS
+) -> StableDiffusionXLPipeline:
+    """The whole tiny pipeline: 16x16 images, 8x8 latents."""
+    tokenizer = build_tokenizer(words)
+    text_encoder, text_encoder_2 = build_text_encoders(len(tokenizer), seed)
+    return StableDiffusionXLPipeline(
+        vae=build_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(words),
+        unet=build_unet(seed),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading"
+        ),
+    )
