@@ -1,0 +1,36 @@
+"""Inputs and small runners shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def unet_inputs(batch: int = 2, seed: int = 0) -> dict[str, object]:
+    """Random but fixed inputs for the tiny UNet; every sample differs."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, 8, 8, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 7, 64, generator=generator),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, 32, generator=generator),
+            "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * batch),
+        },
+    }
+
+
+def run_unet(unet: UNet2DConditionModel, inputs: dict[str, object]) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def take(inputs: dict[str, object], index: int) -> dict[str, object]:
+    """One sample of a batch of UNet inputs, as a batch of one."""
+    added = inputs["added_cond_kwargs"]
+    return {
+        "sample": inputs["sample"][index : index + 1],
+        "timestep": inputs["timestep"][index : index + 1],
+        "encoder_hidden_states": inputs["encoder_hidden_states"][index : index + 1],
+        "added_cond_kwargs": {key: value[index : index + 1] for key, value in added.items()},
+    }
