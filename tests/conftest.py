@@ -35,3 +35,9 @@ def pipe(tiny_sdxl_dir: Path) -> StableDiffusionXLPipeline:
 @pytest.fixture
 def unet(tiny_sdxl_dir: Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state (adapter initialisation uses it)."""
+    torch.manual_seed(0)

@@ -47,10 +47,10 @@ def test_sample_routing_gives_one_weight_vector_per_sample(weights):
 
 def test_sample_routing_ignores_the_rest_of_the_batch(weights):
     A, router, B = weights
-    x = torch.randn(4, 6, 12)
+    x = torch.randn(4, 6, 12, generator=torch.Generator().manual_seed(2))
     alone = lily_delta(x[:1], A, router, B, 1.0, "sample")
     together = lily_delta(x, A, router, B, 1.0, "sample")[:1]
-    assert (alone - together).abs().max() <= 1e-6
+    assert (alone - together).abs().max() <= 1e-5
     batch_alone = lily_delta(x[:1], A, router, B, 1.0, "batch")
     batch_together = lily_delta(x, A, router, B, 1.0, "batch")[:1]
     assert (batch_alone - batch_together).abs().max() > 1e-4  # peft's rule mixes samples

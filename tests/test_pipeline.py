@@ -106,7 +106,7 @@ def test_bare_model_needs_a_component_when_the_file_has_several(trained_file, ti
 def test_a_bad_component_leaves_the_whole_pipeline_untouched(trained_file, tiny_sdxl_dir, tmp_path):
     path, _, _ = trained_file
     with safe_open(str(path), "pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle}
+        tensors = {k: handle.get_tensor(k) for k in list(handle.keys())}
         metadata = handle.metadata()
     key = next(k for k in tensors if k.startswith("text_encoder_2.") and k.endswith("lily_A.weight"))
     tensors[key] = torch.zeros(2, 7)
