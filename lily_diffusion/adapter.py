@@ -10,9 +10,7 @@ from torch import nn
 from .config import LilyConfig
 from .functional import lily_delta
 from .layer import LilyLinear, LilyMergeError
-from .sharing import LayerSlot, LilyLayout, build_layout
-
-ADAPTERS_ATTRIBUTE = "lily_adapters"
+from .sharing import ADAPTERS_ATTRIBUTE, LayerSlot, LilyLayout, build_layout
 
 
 class LilyAdapter(nn.Module):

@@ -15,6 +15,8 @@ from torch import nn
 from .config import LilyConfig
 from .layer import LilyLinear
 
+ADAPTERS_ATTRIBUTE = "lily_adapters"  # where add_lily registers the adapters on the model
+
 
 @dataclass(frozen=True)
 class LayerSlot:
@@ -103,26 +105,20 @@ def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, n
     nothing matches.
     """
     found: list[tuple[str, str, nn.Linear]] = []
-    inside_lily: list[str] = []
     for path, module in model.named_modules():
-        if not path or path.startswith("lily_adapters"):
+        if not path or path.split(".")[0] == ADAPTERS_ATTRIBUTE:
             continue
-        if any(path.startswith(prefix) for prefix in inside_lily):
-            continue  # the wrapped Linear and adapter internals are not candidates themselves
-        if isinstance(module, LilyLinear):
-            inside_lily.append(path + ".")
-            base = module.base_layer
-        else:
-            base = module
         target = target_name(path, config.target_modules)
         if target is None or is_excluded(path, config.exclude_modules):
             continue
-        if not isinstance(base, nn.Linear):
+        # Exactly nn.Linear (or our wrapper of one): a subclass with its own forward (quantized, LoRA, ...)
+        # would be silently bypassed by LilyLinear's F.linear.
+        if type(module) not in (nn.Linear, LilyLinear):
             raise TypeError(
                 f"Lily can only adapt nn.Linear layers, but target {target!r} matched {path!r} "
-                f"of type {type(base).__name__}. Narrow target_modules or add it to exclude_modules."
+                f"of type {type(module).__name__}. Narrow target_modules or add it to exclude_modules."
             )
-        found.append((path, target, base))
+        found.append((path, target, module))
     if not found:
         linear_names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
         raise ValueError(

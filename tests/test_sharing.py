@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lily_diffusion import LilyConfig, add_lily
 from lily_diffusion.layer import LilyLinear
@@ -133,3 +134,14 @@ def test_text_encoders_are_adapted(pipe):
         assert adapter.layout.num_layers == 8  # 2 layers x 4 projections
         q_proj = next(m for name, m in encoder.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
         assert isinstance(q_proj, LilyLinear) and q_proj.adapters["default"] is adapter
+
+
+def test_linear_subclasses_with_their_own_forward_are_refused():
+    class QuantizedLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x.round())
+
+    model = nn.Sequential()
+    model.add_module("to_q", QuantizedLinear(4, 4))
+    with pytest.raises(TypeError, match=r"matched 'to_q' of type QuantizedLinear"):
+        build_layout(model, LilyConfig(target_modules=["to_q"]))
