@@ -1,0 +1,78 @@
+"""Prior preservation: generate the missing class images with the base pipeline, split across processes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers import StableDiffusionXLPipeline
+from tqdm.auto import tqdm
+
+from .data import list_image_files
+from .errors import TrainingError
+from .seeding import derive_seed
+
+logger = get_logger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    """--prior_generation_precision, defaulting to fp16 on GPU and fp32 elsewhere."""
+    if precision is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return PRECISIONS[precision]
+
+
+def ensure_class_images(
+    accelerator: Accelerator,
+    class_dir: str | Path,
+    class_prompt: str,
+    num_class_images: int,
+    model: str,
+    revision: str | None,
+    variant: str | None,
+    precision: str | None,
+    sample_batch_size: int,
+    resolution: int,
+    seed: int,
+) -> int:
+    """Make `class_dir` hold at least `num_class_images` images; returns how many were generated."""
+    folder = Path(class_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = len(list_image_files(folder))
+    accelerator.wait_for_everyone()  # every process counted before anyone writes
+    missing = num_class_images - existing
+    if missing <= 0:
+        return 0
+    logger.info(f"generating {missing} class images for {class_prompt!r} into {folder}")
+    try:
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            model, torch_dtype=generation_dtype(precision, accelerator.device), revision=revision, variant=variant
+        )
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"cannot load {model} to generate class images: {str(err).splitlines()[0]}") from err
+    pipeline.to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    with accelerator.split_between_processes(list(range(existing, num_class_images))) as indices:
+        batches = [indices[i : i + sample_batch_size] for i in range(0, len(indices), sample_batch_size)]
+        for batch in tqdm(batches, desc="Generating class images", disable=not accelerator.is_local_main_process):
+            generators = [
+                torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, "class", index))
+                for index in batch
+            ]
+            with torch.no_grad():
+                images = pipeline(
+                    prompt=[class_prompt] * len(batch), generator=generators, height=resolution, width=resolution
+                ).images
+            for index, image in zip(batch, images, strict=True):
+                digest = hashlib.sha1(image.tobytes()).hexdigest()
+                image.save(folder / f"{index}-{digest}.jpg")
+    del pipeline
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+    return missing

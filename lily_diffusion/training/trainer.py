@@ -1,0 +1,326 @@
+"""Wiring: accelerator, data, models, adapter, optimizer, resume, the loop, final weights and validation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers import SchedulerMixin
+from torch.utils.data import DataLoader
+
+from .adapters import (
+    AdaptedModels,
+    TrainableAdapters,
+    add_adapters,
+    save_adapter_weights,
+    weight_name_for,
+    write_kohya_copy,
+)
+from .checkpointing import TrainState, register_adapter_hooks, resolve_resume_checkpoint
+from .class_images import ensure_class_images
+from .conditioning import PromptCache
+from .data import DreamBoothDataset, EpochShuffleSampler, collate_examples, load_class_records, load_instance_records
+from .errors import TrainingError
+from .hub_dataset import load_dataset_records
+from .loop import LoopContext, steps_per_epoch, train
+from .models import SDXLComponents, load_components, load_inference_scheduler
+from .optim import build_lr_scheduler, build_optimizer, parameter_groups, scale_learning_rates
+from .validation import final_validation, make_validator
+
+logger = get_logger(__name__)
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """Accelerator with trackers, gradient accumulation and DDP that tolerates unused adapter parameters."""
+    report_to = None if args.report_to in ("none", "") else args.report_to
+    if report_to in ("wandb", "all") and args.hub_token is not None:
+        raise TrainingError("do not combine --report_to wandb with --hub_token (the token would be logged)")
+    project = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
+    )
+    try:
+        return Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=report_to,
+            project_config=project,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+    except (ValueError, ImportError) as err:
+        raise TrainingError(f"cannot set up accelerate: {str(err).splitlines()[0]}") from err
+
+
+def configure_logging(accelerator: Accelerator) -> None:
+    """INFO on the main process; libraries quiet elsewhere."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def shared_seed(accelerator: Accelerator, seed: int | None) -> int:
+    """--seed, or one random seed chosen on the main process and shared with the others."""
+    if seed is None:
+        chosen = [random.SystemRandom().randrange(2**31)]
+        seed = int(broadcast_object_list(chosen, from_process=0)[0])
+        logger.info(f"no --seed given; using {seed}")
+    set_seed(seed)
+    return seed
+
+
+def write_training_args(args: argparse.Namespace) -> None:
+    """output_dir/training_args.json with every flag's final value."""
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir, "training_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, object]:
+    """Flags as TensorBoard hparams accept them (scalars and strings only)."""
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
+
+
+def prepare_models(
+    args: argparse.Namespace, components: SDXLComponents, accelerator: Accelerator
+) -> tuple[AdaptedModels, TrainableAdapters, torch.dtype]:
+    """Place and cast the frozen models (VAE in fp32), then add the adapter (fp32 trainable parameters)."""
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    components.vae.requires_grad_(False).to(device, dtype=torch.float32)
+    for model in (components.unet, components.text_encoder_one, components.text_encoder_two):
+        model.requires_grad_(False).to(device, dtype=weight_dtype)
+    adapted = AdaptedModels(
+        unet=components.unet,
+        text_encoder_one=components.text_encoder_one if args.train_text_encoder else None,
+        text_encoder_two=components.text_encoder_two if args.train_text_encoder else None,
+    )
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers installed")
+        components.unet.enable_xformers_memory_efficient_attention()
+    trainable = add_adapters(args, adapted, mixed_precision=weight_dtype != torch.float32)
+    if args.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            components.text_encoder_one.gradient_checkpointing_enable()
+            components.text_encoder_two.gradient_checkpointing_enable()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    logger.info(f"{args.adapter}: {trainable.num_parameters:,} trainable parameters")
+    return adapted, trainable, weight_dtype
+
+
+def build_dataset(args: argparse.Namespace, accelerator: Accelerator, seed: int) -> DreamBoothDataset:
+    """Read the instance images (and class images, generating missing ones) into the dataset."""
+    if args.dataset_name is not None:
+        instance = load_dataset_records(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.cache_dir,
+            args.image_column,
+            args.caption_column,
+            args.instance_prompt,
+        )
+    else:
+        instance = load_instance_records(args.instance_data_dir, args.instance_prompt, args.caption_column)
+    class_records = None
+    if args.with_prior_preservation:
+        ensure_class_images(
+            accelerator,
+            args.class_data_dir,
+            args.class_prompt,
+            args.num_class_images,
+            args.pretrained_model_name_or_path,
+            args.revision,
+            args.variant,
+            args.prior_generation_precision,
+            args.sample_batch_size,
+            args.resolution,
+            seed,
+        )
+        class_records = load_class_records(args.class_data_dir, args.class_prompt, args.num_class_images)
+    return DreamBoothDataset(
+        instance,
+        class_records,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.repeats,
+        seed,
+        args.image_interpolation_mode,
+    )
+
+
+def push_to_hub(args: argparse.Namespace) -> None:
+    """Upload output_dir (without checkpoints) to --hub_model_id."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token)
+        upload_folder(
+            repo_id=repo_id.repo_id,
+            folder_path=args.output_dir,
+            token=args.hub_token,
+            ignore_patterns=["checkpoint-*/**", "logs/**"],
+            commit_message="End of training",
+        )
+    except Exception as err:  # network, auth: report, do not crash with a traceback
+        raise TrainingError(f"push to hub failed: {str(err).splitlines()[0]}") from err
+
+
+def build_prompt_cache(
+    args: argparse.Namespace, components: SDXLComponents, dataset: DreamBoothDataset, device: torch.device
+) -> PromptCache | None:
+    """With frozen text encoders, every prompt is encoded once up front."""
+    if args.train_text_encoder:
+        return None
+    prompts = [r.prompt for r in dataset.instance_records + dataset.class_records]
+    encoders = [components.text_encoder_one, components.text_encoder_two]
+    return PromptCache.build(encoders, [components.tokenizer_one, components.tokenizer_two], prompts, device)
+
+
+def cache_latents(dataset: DreamBoothDataset, components: SDXLComponents, device: torch.device, batch: int) -> None:
+    """--cache_latents: encode every image once with the VAE (fp32)."""
+    vae = components.vae
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return vae.encode(pixels.to(device, dtype=vae.dtype)).latent_dist.parameters
+
+    dataset.build_latent_cache(encode, batch)
+
+
+def resume(
+    accelerator: Accelerator, path: Path, state: TrainState, dataset: DreamBoothDataset, sampler: EpochShuffleSampler
+) -> None:
+    """Load a checkpoint; the run continues with the checkpoint's seed so it replays the same randomness."""
+    logger.info(f"resuming from {path}")
+    seed = state.seed
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise TrainingError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from err
+    state.last_checkpoint = path
+    if state.seed != seed:
+        logger.warning(f"using the checkpoint's seed {state.seed} instead of {seed}")
+        sampler.seed = dataset.seed = state.seed
+
+
+def finish(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    adapted: AdaptedModels,
+    components: SDXLComponents,
+    inference_scheduler: SchedulerMixin,
+    weight_dtype: torch.dtype,
+    state: TrainState,
+) -> Path:
+    """Write the final adapter file (main process), then optional Kohya copy, final validation and upload."""
+    accelerator.wait_for_everyone()
+    weight_file = Path(args.output_dir) / weight_name_for(args.adapter)
+    if accelerator.is_main_process:
+        weight_file = save_adapter_weights(args.adapter, args.output_dir, adapted)
+        logger.info(f"saved {weight_file}")
+        if args.output_kohya_format:
+            write_kohya_copy(args.output_dir)
+        if args.validation_prompt and args.num_validation_images:
+            final_validation(
+                args, accelerator, components, inference_scheduler, weight_dtype, state.seed, state.global_step
+            )
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.wait_for_everyone()
+    return weight_file
+
+
+def run_training(args: argparse.Namespace) -> Path:
+    """Train and write output_dir/<adapter weights>; returns the path of the weight file."""
+    accelerator = make_accelerator(args)
+    configure_logging(accelerator)
+    seed = shared_seed(accelerator, args.seed)
+    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    dataset = build_dataset(args, accelerator, seed)
+    components = load_components(
+        args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant
+    )
+    inference_scheduler = load_inference_scheduler(args.pretrained_model_name_or_path, args.revision)
+    adapted, trainable, weight_dtype = prepare_models(args, components, accelerator)
+    if args.scale_lr:
+        scale_learning_rates(args, accelerator.num_processes)
+    groups = parameter_groups(args, trainable.unet_parameters, trainable.text_encoder_parameters)
+    optimizer = build_optimizer(args, groups)
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate_examples,
+        num_workers=args.dataloader_num_workers,
+    )
+    prompt_cache = build_prompt_cache(args, components, dataset, accelerator.device)
+    if args.cache_latents:
+        cache_latents(dataset, components, accelerator.device, args.train_batch_size)
+    per_epoch = steps_per_epoch(len(dataloader), accelerator.num_processes, args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * per_epoch
+    lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
+
+    models = list(adapted.components().values())
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
+    text_encoders = (
+        trained[1:] if args.train_text_encoder else [components.text_encoder_one, components.text_encoder_two]
+    )
+    state = TrainState(seed)
+    register_adapter_hooks(accelerator, args.adapter, adapted)
+    accelerator.register_for_checkpointing(state)
+    if accelerator.is_main_process:
+        write_training_args(args)
+        accelerator.init_trackers("dreambooth-lily", config=tracker_config(args))
+    if resume_from is not None:
+        resume(accelerator, resume_from, state, dataset, sampler)
+    logger.info(
+        f"{len(dataset)} examples, {per_epoch} steps per epoch, {max_train_steps} steps, "
+        f"batch {args.train_batch_size} x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation"
+    )
+    ctx = LoopContext(
+        accelerator=accelerator,
+        args=args,
+        components=components,
+        unet=trained[0],
+        text_encoders=text_encoders,
+        trained_models=trained,
+        trainable_parameters=trainable.unet_parameters + trainable.text_encoder_parameters,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataloader=dataloader,
+        sampler=sampler,
+        prompt_cache=prompt_cache,
+        weight_dtype=weight_dtype,
+        state=state,
+        max_train_steps=max_train_steps,
+        num_train_epochs=math.ceil(max_train_steps / per_epoch),
+        steps_per_epoch=per_epoch,
+        validate=make_validator(args, accelerator, components, inference_scheduler, weight_dtype, state),
+    )
+    try:
+        train(ctx)
+        return finish(args, accelerator, adapted, components, inference_scheduler, weight_dtype, state)
+    finally:
+        accelerator.end_training()

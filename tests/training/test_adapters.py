@@ -1,0 +1,99 @@
+"""Adapter set-up, and the save / in-place load round trip that checkpoints rely on (Lily and LoRA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lily_diffusion import LilyConfig, count_lily_parameters, count_lora_parameters
+from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
+from lily_diffusion.training.adapters import (
+    AdaptedModels,
+    add_adapters,
+    load_adapter_weights_in_place,
+    save_adapter_weights,
+)
+from lily_diffusion.training.args import parse_args
+from lily_diffusion.training.errors import TrainingError
+
+REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
+SMALL_LILY = ["--lily_r", "4", "--lily_stride_A", "2", "--lily_num_B", "2"]
+
+
+def _models(train_text_encoder: bool) -> AdaptedModels:
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    if not train_text_encoder:
+        return AdaptedModels(unet=pipe.unet)
+    return AdaptedModels(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+
+
+def _randomize(parameters: list[torch.nn.Parameter], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.mark.parametrize(("adapter", "extra"), [("lily", SMALL_LILY), ("lora", ["--rank", "2", "--lora_alpha", "4"])])
+def test_checkpoint_round_trip_is_exact_and_keeps_the_parameters(tmp_path, adapter, extra):
+    args = parse_args([*REQUIRED, "--adapter", adapter, "--train_text_encoder", *extra])
+    models = _models(train_text_encoder=True)
+    trainable = add_adapters(args, models, mixed_precision=False)
+    parameters = trainable.unet_parameters + trainable.text_encoder_parameters
+    assert trainable.unet_parameters and trainable.text_encoder_parameters
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in parameters)
+    frozen = [p for m in models.components().values() for p in m.parameters() if not p.requires_grad]
+    assert len(frozen) > 0 and {id(p) for p in frozen}.isdisjoint({id(p) for p in parameters})
+
+    _randomize(parameters, seed=1)
+    saved = [p.detach().clone() for p in parameters]
+    save_adapter_weights(adapter, tmp_path, models)
+    _randomize(parameters, seed=2)
+    load_adapter_weights_in_place(adapter, tmp_path, models)
+    current = trainable.unet_parameters + trainable.text_encoder_parameters
+    assert [id(p) for p in current] == [id(p) for p in parameters]  # the optimizer's references stay valid
+    for before, after in zip(saved, parameters, strict=True):
+        assert torch.equal(before, after)
+
+
+def test_lily_parameters_are_counted_once():
+    args = parse_args([*REQUIRED, *SMALL_LILY])
+    models = _models(train_text_encoder=False)
+    expected = count_lily_parameters(models.unet, LilyConfig(r=4, stride_A=2, num_B=2))
+    trainable = add_adapters(args, models, mixed_precision=False)
+    assert trainable.num_parameters == expected
+    assert trainable.text_encoder_parameters == []
+
+
+def test_match_lora_budget_picks_the_largest_fitting_rank():
+    args = parse_args([*REQUIRED, "--match_lora_budget", "4", "--lily_stride_A", "4", "--lily_num_B", "2"])
+    models = _models(train_text_encoder=False)
+    budget = count_lora_parameters(models.unet, 4, LilyConfig())
+    trainable = add_adapters(args, models, mixed_precision=False)
+    chosen = models.unet.lily_adapters["default"].config
+    assert (chosen.stride_A, chosen.num_B) == (4, 2)
+    assert trainable.num_parameters <= budget
+    bigger = count_lily_parameters(_models(False).unet, LilyConfig(r=chosen.r + 1, stride_A=4, num_B=2))
+    assert bigger > budget
+
+
+def test_invalid_lily_settings_are_a_training_error():
+    args = parse_args([*REQUIRED, "--lily_num_B", "1"])
+    with pytest.raises(TrainingError, match=r"invalid Lily settings.*num_B"):
+        add_adapters(args, _models(train_text_encoder=False), mixed_precision=False)
+    args = parse_args([*REQUIRED, "--target_modules", "no_such_layer"])
+    with pytest.raises(TrainingError, match="invalid Lily settings"):
+        add_adapters(args, _models(train_text_encoder=False), mixed_precision=False)
+
+
+def test_resuming_with_another_adapter_or_config_is_refused(tmp_path):
+    lily = parse_args([*REQUIRED, *SMALL_LILY])
+    models = _models(train_text_encoder=False)
+    add_adapters(lily, models, mixed_precision=False)
+    save_adapter_weights("lily", tmp_path, models)
+    with pytest.raises(TrainingError, match=r"no pytorch_lora_weights\.safetensors"):
+        load_adapter_weights_in_place("lora", tmp_path, models)
+    other = _models(train_text_encoder=False)
+    add_adapters(parse_args([*REQUIRED, "--lily_r", "8", "--lily_stride_A", "2", "--lily_num_B", "2"]), other, False)
+    with pytest.raises(TrainingError, match="another Lily config"):
+        load_adapter_weights_in_place("lily", tmp_path, other)
