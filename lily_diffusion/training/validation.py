@@ -50,6 +50,22 @@ def generate_images(
     return images
 
 
+def render_validation_prompt(
+    args: argparse.Namespace, pipeline: StableDiffusionXLPipeline, run_seed: int, weight_dtype: torch.dtype
+) -> list[Image.Image]:
+    """The --num_validation_images images of --validation_prompt (seeded by --validation_seed or the run's seed)."""
+    seed = args.validation_seed if args.validation_seed is not None else run_seed
+    return generate_images(
+        pipeline,
+        args.validation_prompt,
+        args.num_validation_images,
+        seed,
+        args.num_validation_inference_steps,
+        args.resolution,
+        weight_dtype,
+    )
+
+
 def labelled_grid(images: list[Image.Image], label: str) -> Image.Image:
     """The images side by side under a white band with `label` (at least as wide as the text)."""
     grid = make_image_grid(images, rows=1, cols=len(images))
@@ -132,16 +148,7 @@ def make_validator(
         for model in models:
             model.eval()
         pipeline = validation_pipeline(components, scheduler, *models)
-        seed = args.validation_seed if args.validation_seed is not None else state.seed
-        images = generate_images(
-            pipeline,
-            args.validation_prompt,
-            args.num_validation_images,
-            seed,
-            args.num_validation_inference_steps,
-            args.resolution,
-            weight_dtype,
-        )
+        images = render_validation_prompt(args, pipeline, state.seed, weight_dtype)
         save_validation(
             accelerator, images, args.output_dir, f"step_{step:06d}", f"step {step}: {args.validation_prompt}", step
         )
@@ -172,14 +179,5 @@ def final_validation(
     load_adapter_into_pipeline(args.adapter, pipeline, args.output_dir)
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    seed = args.validation_seed if args.validation_seed is not None else seed
-    images = generate_images(
-        pipeline,
-        args.validation_prompt,
-        args.num_validation_images,
-        seed,
-        args.num_validation_inference_steps,
-        args.resolution,
-        weight_dtype,
-    )
+    images = render_validation_prompt(args, pipeline, seed, weight_dtype)
     save_validation(accelerator, images, args.output_dir, "final", f"final: {args.validation_prompt}", step)
