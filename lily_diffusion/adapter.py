@@ -6,10 +6,12 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import LilyConfig
-from .functional import lily_delta
+from .functional import add_lily_, lily_delta
 from .layer import LilyLinear, LilyMergeError
+from .projection_cache import DownProjectionCache
 from .sharing import ADAPTERS_ATTRIBUTE, LayerSlot, LilyLayout, build_layout
 
 
@@ -28,6 +30,8 @@ class LilyAdapter(nn.Module):
         self.scale = 1.0
         self.enabled = True
         self.layers: dict[str, LilyLinear] = {}  # module path -> wrapped layer (not owned)
+        self.cache = DownProjectionCache()  # h = A x reused by the layers of one A with the same input
+        self.hooks: list[RemovableHandle] = []  # open/close the cache around the model's forward
         r, num_B = config.r, config.num_B
         kwargs = {"device": device, "dtype": torch.float32}
         self.lily_A = nn.ParameterList(
@@ -58,8 +62,32 @@ class LilyAdapter(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def add_to(self, result: torch.Tensor, x: torch.Tensor, slot: LayerSlot) -> torch.Tensor:
+        """`result + delta(x)` for one layer, written into `result` (the base output) in place."""
+        A = self.lily_A[slot.a_index]
+        return add_lily_(
+            result,
+            self.cache.down_project(slot.a_index, x, A),
+            self.lily_router[slot.router_index],
+            self.lily_B[slot.group],
+            self.config.scaling * self.scale,
+            self.config.routing,
+        )
+
+    def attach_hooks(self, model: nn.Module) -> None:
+        """Open the down-projection cache for the duration of each forward of `model`."""
+        self.hooks = [
+            model.register_forward_pre_hook(self.cache.open),
+            model.register_forward_hook(self.cache.close, always_call=True),
+        ]
+
+    def detach_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+
     def delta(self, x: torch.Tensor, slot: LayerSlot) -> torch.Tensor:
-        """The adapter's output for one layer's input."""
+        """The adapter's output for one layer's input (not added anywhere; no cache)."""
         return lily_delta(
             x,
             self.lily_A[slot.a_index],
@@ -127,6 +155,7 @@ def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default"
     if not isinstance(getattr(model, ADAPTERS_ATTRIBUTE, None), nn.ModuleDict):
         setattr(model, ADAPTERS_ATTRIBUTE, nn.ModuleDict())
     getattr(model, ADAPTERS_ATTRIBUTE)[adapter_name] = adapter
+    adapter.attach_hooks(model)
     _freeze_all_but_lily(model)
     return adapter
 
@@ -145,6 +174,7 @@ def remove_lily(model: nn.Module, adapter_name: str | None = None) -> None:
             if not layer.adapters:
                 _replace_submodule(model, path, layer.restored_layer())
         adapter.layers = {}
+        adapter.detach_hooks()
         del getattr(model, ADAPTERS_ATTRIBUTE)[name]
     if not lily_adapters(model) and hasattr(model, ADAPTERS_ATTRIBUTE):
         delattr(model, ADAPTERS_ATTRIBUTE)

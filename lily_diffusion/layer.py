@@ -63,7 +63,7 @@ class LilyLinear(nn.Linear):
         adapter = self.adapters.get(self.active_adapter) if self.active_adapter is not None else None
         if adapter is None or not adapter.enabled:
             return result
-        return result + adapter.delta(x, self.slots[self.active_adapter]).to(result.dtype)
+        return adapter.add_to(result, x, self.slots[self.active_adapter])
 
     def merge(self, *args: object) -> None:
         raise LilyMergeError()
