@@ -1,0 +1,63 @@
+"""The renderer: deterministic, captioned, and the base world never shows the subject's look."""
+
+import numpy as np
+import pytest
+
+from lily_diffusion.toyworld.render import (
+    BACKGROUNDS,
+    COLOURS,
+    EXTRA_COLOURS,
+    SHAPES,
+    SIZE,
+    Scene,
+    caption,
+    random_scenes,
+    render,
+    render_array,
+    render_batch,
+    sample_scene,
+    shape_mask,
+)
+
+
+def test_same_seed_same_pixels_and_other_seed_other_pixels():
+    first, again, other = (render_batch(random_scenes(24, seed)) for seed in (7, 7, 8))
+    assert first.dtype == np.uint8 and first.shape == (24, SIZE, SIZE, 3)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_captions_name_colour_shape_and_background():
+    scene = Scene("circle", ("red",), "gray", 16.0, 16.0, 10.0)
+    assert caption(scene) == "a photo of a red circle on a gray background"
+    assert caption(scene, with_background=False) == "a photo of a red circle"
+    assert caption(scene, with_colour=False) == "a photo of a circle on a gray background"
+    assert caption(scene, with_colour=False, with_background=False) == "a photo of a circle"
+
+
+def test_pixels_match_the_scene():
+    scene = Scene("square", ("blue",), "white", 16.0, 16.0, 10.0)
+    image = render_array(scene)
+    assert tuple(image[0, 0]) == BACKGROUNDS["white"]
+    assert tuple(image[16, 16]) == COLOURS["blue"]
+    assert render(scene).size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shapes_have_comparable_area_and_stay_inside(shape):
+    mask = shape_mask(shape, 16.0, 16.0, 12.0)
+    assert 0.1 < mask.mean() < 0.5
+    assert mask[0].sum() == mask[-1].sum() == mask[:, 0].sum() == mask[:, -1].sum() == 0
+
+
+def test_base_world_covers_every_attribute_with_plain_objects_only():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(600)]
+    assert {s.shape for s in scenes} == set(SHAPES)
+    assert {s.colour for s in scenes} == set(COLOURS)
+    assert {s.background for s in scenes} == set(BACKGROUNDS)
+    assert {(s.shape, s.colour) for s in scenes if s.shape == "star"} == {("star", c) for c in COLOURS}
+    assert not any(s.striped for s in scenes)
+    assert not set(EXTRA_COLOURS) & set(COLOURS)
+    for s in scenes:  # the whole object is inside the frame
+        assert s.radius + 1 <= s.cx <= SIZE - s.radius - 1 and s.radius + 1 <= s.cy <= SIZE - s.radius - 1
