@@ -137,7 +137,8 @@ def write_report(args: argparse.Namespace, result: dict) -> None:
         "```bash",
         train,
         f"python scripts/eval_toy_base.py --model {display_path(args.model)}"
-        " --report benchmarks/results/toy_base.md --grid benchmarks/results/toy_base_samples.png",
+        " --train-summary runs/toy-base/summary.json \\",
+        "    --report benchmarks/results/toy_base.md --grid benchmarks/results/toy_base_samples.png",
         "```",
         "",
     ]
