@@ -1,0 +1,208 @@
+"""Lily vs LoRA DreamBooth on the bundled subject and base model: train, generate, score, tabulate.
+
+Training goes through `train_dreambooth_lily.py` in a subprocess (the same path users take); scoring uses
+the toy evaluator, which knows nothing of how an image was made. Used by the README demo and by
+`benchmarks/subject_driven.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from ..grids import GridAdapter, comparison_grid, describe_adapter, generate_for_adapter
+from .evaluate import ToyEvaluator
+from .render import BACKGROUNDS
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_MODEL_DIR = REPO / "assets" / "toy-sdxl-base"
+SUBJECT_DIR = REPO / "samples" / "subject"
+TRAIN_SCRIPT = REPO / "train_dreambooth_lily.py"
+INSTANCE_PROMPT = "a photo of sks star"
+CLASS_PROMPT = "a photo of a star"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One DreamBooth run."""
+
+    method: str  # "lily" or "lora"
+    learning_rate: float
+    prior: bool
+    seed: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-lr{self.learning_rate:g}-{'prior' if self.prior else 'noprior'}-seed{self.seed}"
+
+    @property
+    def setting(self) -> tuple[str, float, bool]:
+        """What the table groups by (everything but the seed)."""
+        return (self.method, self.learning_rate, self.prior)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """The fixed prompts and seeds every adapter is scored on."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    steps: int = 20
+    guidance_scale: float = 5.0
+
+    def subject_prompts(self) -> list[str]:
+        return [f"{INSTANCE_PROMPT} on a {background} background" for background in BACKGROUNDS]
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    adapter: GridAdapter
+    file_bytes: int
+    train_seconds: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def training_flags(spec: RunSpec, output_dir: Path, class_dir: Path, lora_rank: int) -> list[str]:
+    """The command line of one run; Lily gets the config that fits LoRA's budget at `lora_rank`."""
+    flags = [
+        f"--pretrained_model_name_or_path={BASE_MODEL_DIR}",
+        f"--instance_data_dir={SUBJECT_DIR}",
+        f"--instance_prompt={INSTANCE_PROMPT}",
+        "--caption_column=text",
+        "--resolution=32",
+        "--train_batch_size=2",
+        f"--max_train_steps={spec.steps}",
+        f"--learning_rate={spec.learning_rate}",
+        "--lr_scheduler=constant",
+        f"--seed={spec.seed}",
+        "--report_to=none",
+        "--checkpointing_steps=1000000",
+        f"--output_dir={output_dir}",
+        f"--adapter={spec.method}",
+    ]
+    if spec.method == "lily":
+        flags += ["--lily_stride_A=4", "--lily_num_B=4", f"--match_lora_budget={lora_rank}"]
+    else:
+        flags += [f"--rank={lora_rank}", f"--lora_alpha={lora_rank}"]
+    if spec.prior:
+        flags += [
+            "--with_prior_preservation",
+            f"--class_data_dir={class_dir}",
+            f"--class_prompt={CLASS_PROMPT}",
+            "--num_class_images=10",
+            "--prior_loss_weight=1.0",
+        ]
+    return flags
+
+
+def train(spec: RunSpec, work_dir: Path, lora_rank: int) -> tuple[GridAdapter, float]:
+    """Run the training script; returns the saved adapter and the wall time."""
+    output_dir = work_dir / spec.name
+    command = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        *training_flags(spec, output_dir, work_dir / "class-images", lora_rank),
+    ]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"training {spec.name} failed:\n{result.stderr[-3000:]}")
+    return describe_adapter(spec.name, output_dir), seconds
+
+
+def score(
+    pipe: StableDiffusionXLPipeline, adapter: GridAdapter, evaluator: ToyEvaluator, plan: EvalPlan
+) -> dict[str, float]:
+    """Subject fidelity, prompt (background) fidelity and class preservation of one adapter."""
+    references = [Image.open(path).convert("RGB") for path in sorted(SUBJECT_DIR.glob("*.png"))]
+    prompts = plan.subject_prompts()
+    subject_images = generate_for_adapter(pipe, adapter, prompts, plan.seeds, plan.steps, plan.guidance_scale, None)
+    row_prompts = [prompt for prompt in prompts for _ in plan.seeds]
+    class_images = generate_for_adapter(
+        pipe, adapter, [CLASS_PROMPT], plan.seeds * 2, plan.steps, plan.guidance_scale, None
+    )
+    return {
+        "subject": float(np.mean(evaluator.subject_probability(subject_images))),
+        "similarity": float(np.mean(evaluator.subject_similarity(subject_images, references))),
+        "background": evaluator.prompt_fidelity(subject_images, row_prompts)["background"],
+        "class_preservation": evaluator.class_preservation(class_images),
+    }
+
+
+def run_all(
+    specs: Sequence[RunSpec], work_dir: Path, lora_rank: int, plan: EvalPlan
+) -> tuple[list[RunResult], dict[str, float]]:
+    """Train and score every run; also score the base model (the no-training reference)."""
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    evaluator = ToyEvaluator.load()
+    base_scores = score(pipe, GridAdapter("base", None, "base", 0), evaluator, plan)
+    results = []
+    for index, spec in enumerate(specs, start=1):
+        logger.info("[%d/%d] training %s", index, len(specs), spec.name)
+        adapter, seconds = train(spec, work_dir, lora_rank)
+        result = RunResult(spec, adapter, adapter.path.stat().st_size, seconds, score(pipe, adapter, evaluator, plan))
+        logger.info("    %.0f s, scores %s", seconds, json.dumps({k: round(v, 3) for k, v in result.scores.items()}))
+        results.append(result)
+    return results, base_scores
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def results_table(results: Sequence[RunResult], base_scores: dict[str, float]) -> str:
+    """Markdown: one row per (method, learning rate, prior), mean ± std over seeds."""
+    header = (
+        "| method | lr | prior | params | file bytes | subject fidelity | subject similarity | "
+        "prompt fidelity (background) | class preservation | train s | seeds |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| base model (no training) | | | 0 | 0 | {base_scores['subject']:.3f} | {base_scores['similarity']:.3f} | "
+        f"{base_scores['background']:.3f} | {base_scores['class_preservation']:.3f} | | |"
+    ]
+    settings = list(dict.fromkeys(r.spec.setting for r in results))
+    for method, learning_rate, prior in settings:
+        group = [r for r in results if r.spec.setting == (method, learning_rate, prior)]
+        cells = [_mean_std([r.scores[key] for r in group]) for key in ("subject", "similarity", "background")]
+        cells.append(_mean_std([r.scores["class_preservation"] for r in group]))
+        rows.append(
+            f"| {method} | {learning_rate:g} | {'on' if prior else 'off'} | {group[0].adapter.num_parameters:,} | "
+            f"{group[0].file_bytes:,} | {' | '.join(cells)} | {statistics.mean(r.train_seconds for r in group):.0f} | "
+            f"{len(group)} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def best_grid(
+    results: Sequence[RunResult], plan: EvalPlan, prompts: Sequence[str], cell_size: int = 64
+) -> Image.Image:
+    """The grid of the base model and, per method, its best-scoring run (by subject fidelity x class preservation)."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
+    best: dict[str, RunResult] = {}
+    for result in results:
+        merit = result.scores["subject"] * result.scores["class_preservation"]
+        current = best.get(result.spec.method)
+        if current is None or merit > current.scores["subject"] * current.scores["class_preservation"]:
+            best[result.spec.method] = result
+    adapters = [GridAdapter("base", None, "base", 0)] + [r.adapter for r in best.values()]
+    return comparison_grid(pipe, adapters, prompts, plan.seeds[:2], plan.steps, plan.guidance_scale, None, cell_size)
