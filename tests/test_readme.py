@@ -11,8 +11,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_starts_with_the_two_commands():
     lines = README.read_text().splitlines()
     commands = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
-    assert commands[0].startswith("pip install torch==2.13.0 && pip install -e .")
-    assert commands[1].endswith("python -m pytest -q          # the tests")
+    install = 'pip install torch==2.13.0 && pip install -e ".[train]"'
+    assert commands[0].startswith(f"{install} && python -m lily_diffusion.toyworld.demo")
+    assert commands[1].startswith("pip install torch==2.13.0 && pip install -e \".[test]\" && python -m pytest -q ")
 
 
 def test_python_example_runs(tiny_sdxl_dir, tmp_path):
