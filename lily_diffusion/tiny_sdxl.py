@@ -40,45 +40,66 @@ def build_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> CLIPT
     return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=16)
 
 
-def build_text_encoders(vocab_size: int, seed: int = 0) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
-    """Two tiny CLIP text encoders; the second has the projection SDXL pools from."""
+def build_text_encoders(
+    vocab_size: int,
+    seed: int = 0,
+    hidden: int = TEXT_HIDDEN,
+    projection: int = TEXT_PROJECTION,
+    intermediate: int = 37,
+    max_tokens: int = 16,
+) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """Two small CLIP text encoders (2 layers, 4 heads); the second has the projection SDXL pools from."""
     torch.manual_seed(seed)
     common = dict(
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=37,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_attention_heads=4,
         num_hidden_layers=2,
         vocab_size=vocab_size,
-        max_position_embeddings=16,
+        max_position_embeddings=max_tokens,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
         hidden_act="gelu",
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=TEXT_PROJECTION, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=projection, **common))
     return text_encoder, text_encoder_2
 
 
-def build_unet(seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
-    """SDXL-type UNet: text_time conditioning, two down levels with 1 and 2 transformer layers."""
+def build_unet(
+    seed: int = 0,
+    sample_size: int = 8,
+    channels: tuple[int, int] = (32, 64),
+    transformer_layers: tuple[int, int] = (1, 2),
+    head_dims: tuple[int, int] = (2, 4),
+    text_hidden: int = TEXT_HIDDEN,
+    text_projection: int = TEXT_PROJECTION,
+    time_embed: int = TIME_EMBED,
+    norm_groups: int = 8,
+) -> UNet2DConditionModel:
+    """SDXL-type UNet: text_time conditioning, a plain level then a cross-attention level.
+
+    The cross-attention width is both text encoders' hidden size, the added-embedding input six
+    time embeddings plus the pooled projection, as in SDXL.
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=channels,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=2 * TEXT_HIDDEN,
+        transformer_layers_per_block=transformer_layers,
+        attention_head_dim=head_dims,
+        cross_attention_dim=2 * text_hidden,
         use_linear_projection=True,
         addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_PROJECTION,
-        norm_num_groups=8,
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + text_projection,
+        norm_num_groups=norm_groups,
     )
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .. import tiny_sdxl
 from ..tiny_sdxl import DEFAULT_WORDS, build_tokenizer
 from .render import EXTRA_COLOURS, SIZE, WORLD_WORDS
 
@@ -43,43 +44,23 @@ def build_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
 
 def build_text_encoders(vocab_size: int, seed: int) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
     """Two small CLIP text encoders (2 layers, width 64); the second has the projection SDXL pools from."""
-    torch.manual_seed(seed)
-    common = dict(
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
+    return tiny_sdxl.build_text_encoders(
+        vocab_size, seed, TEXT_HIDDEN, TEXT_PROJECTION, intermediate=4 * TEXT_HIDDEN, max_tokens=MAX_TOKENS
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=TEXT_PROJECTION, **common))
-    return text_encoder, text_encoder_2
 
 
 def build_unet(seed: int, channels: tuple[int, int] = (64, 128)) -> UNet2DConditionModel:
     """An SDXL-type UNet on 16x16 latents: a plain level, then a cross-attention level."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return tiny_sdxl.build_unet(
+        seed,
         sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1),
-        attention_head_dim=(8, 8),
-        cross_attention_dim=2 * TEXT_HIDDEN,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_PROJECTION,
-        norm_num_groups=16,
+        channels=channels,
+        transformer_layers=(1, 1),
+        head_dims=(8, 8),
+        text_hidden=TEXT_HIDDEN,
+        text_projection=TEXT_PROJECTION,
+        time_embed=TIME_EMBED,
+        norm_groups=16,
     )
 
 
