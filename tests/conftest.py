@@ -11,7 +11,9 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread for the whole suite: the models are tiny, and on a busy 2-core machine two OpenMP threads that
+# spin while they wait make them several times (up to ~100x) slower.
+torch.set_num_threads(1)
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

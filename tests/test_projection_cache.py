@@ -11,15 +11,6 @@ from lily_diffusion.projection_cache import DownProjectionCache
 from tests.helpers import unet_inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: with two threads on a busy machine, OpenMP barrier stalls make these tests ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def computations(monkeypatch):
     """Counts the down-projections actually computed."""

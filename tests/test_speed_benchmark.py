@@ -18,15 +18,6 @@ SPEC = contenders.AdapterSpec(r=4, stride_A=2, num_B=3, small_lora_rank=8)
 SETTINGS = speed.Settings(latent=8, train_batch=2, spec=SPEC)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: with two threads on a busy machine, OpenMP barrier stalls make these tests ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base():
     unet = build_unet(seed=0)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from accelerate import PartialState
 from PIL import Image
 
@@ -26,7 +25,6 @@ CliRunner = Callable[..., subprocess.CompletedProcess]
 @pytest.fixture(scope="session", autouse=True)
 def _accelerate_state() -> None:
     """accelerate's logger needs an initialised state, even in a single test process."""
-    torch.set_num_threads(1)
     PartialState(cpu=True)
 
 
