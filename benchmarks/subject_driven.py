@@ -36,6 +36,18 @@ FULL_STEPS = 600  # 36 runs of ~25 s training each on 2 idle cores: ~20 min with
 QUICK_STEPS = 40
 
 
+LEGEND = (
+    "Columns (the evaluator never sees how an image was made; benchmarks/results/evaluator.md):\n"
+    "- subject fidelity: mean P(subject) of the subject-vs-not CNN over the instance-prompt images "
+    "(DreamBooth's DINO analogue);\n"
+    "- subject similarity: cosine similarity of the object's appearance features to the 5 instance images "
+    "(CLIP-I analogue);\n"
+    "- prompt fidelity: fraction of instance-prompt images showing the background named (CLIP-T analogue);\n"
+    "- class preservation: fraction of class-prompt images that are plain stars, not the subject (language drift).\n"
+    "Values are mean ± standard deviation over the 3 training seeds; train s is the wall time of one training run.\n"
+)
+
+
 def plan_runs(quick: bool, steps: int) -> list[RunSpec]:
     if quick:
         return [RunSpec("lily", 3e-3, False, 0, steps), RunSpec("lora", 3e-3, False, 0, steps)]
@@ -83,9 +95,10 @@ def main(input_args: Sequence[str] | None = None) -> str:
         f"# Subject-driven generation: Lily vs LoRA on the toy world\n\n"
         f"{steps} steps per run, batch 2, LoRA rank {LORA_RANK} (alpha = rank), Lily stride_A=4 / num_B=4 "
         f"with r picked by `--match_lora_budget {LORA_RANK}`. Scores over {len(plan.seeds)} generation seeds x "
-        f"{len(plan.subject_prompts())} subject prompts and {2 * len(plan.seeds)} class-prompt images, "
+        f"{len(plan.subject_prompts())} subject prompts, and {len(plan.class_seeds)} class-prompt images "
+        f"(distinct seeds); "
         f"{plan.steps} inference steps, guidance {plan.guidance_scale}.\n\n"
-        f"{results_table(results, base_scores)}\n"
+        f"{results_table(results, base_scores)}\n{LEGEND}\n"
         f"Total wall time {minutes:.1f} min on {platform.processor() or platform.machine()} "
         f"({torch.get_num_threads()} torch threads).\n\n"
         f"```bash\npython benchmarks/subject_driven.py{' --quick' if args.quick else ''}\n```\n"

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..grids import GridAdapter, comparison_grid, describe_adapter, generate_for_adapter
 from .evaluate import ToyEvaluator
@@ -34,6 +37,18 @@ SUBJECT_DIR = REPO / "samples" / "subject"
 TRAIN_SCRIPT = REPO / "train_dreambooth_lily.py"
 INSTANCE_PROMPT = "a photo of sks star"
 CLASS_PROMPT = "a photo of a star"
+
+
+def require_source_checkout() -> None:
+    """The toy world's base model, subject and training script are files of the repository, not of
+    the installed package: fail early, and say so, when they are not there (e.g. a wheel install)."""
+    missing = [path for path in (BASE_MODEL_DIR, SUBJECT_DIR, TRAIN_SCRIPT) if not path.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"The toy-world demo and benchmark read the bundled base model, subject and training script from "
+            f"the source checkout, and {', '.join(str(path) for path in missing)} is missing. Clone the "
+            f"repository and install it with `pip install -e .` from its root."
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,12 @@ class EvalPlan:
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     steps: int = 20
     guidance_scale: float = 5.0
+
+    @property
+    def class_seeds(self) -> tuple[int, ...]:
+        """Twice as many distinct seeds for the class prompt: the seeds, then as many new ones."""
+        start = max(self.seeds) + 1
+        return (*self.seeds, *range(start, start + len(self.seeds)))
 
     def subject_prompts(self) -> list[str]:
         return [f"{INSTANCE_PROMPT} on a {background} background" for background in BACKGROUNDS]
@@ -119,11 +140,35 @@ def train(spec: RunSpec, work_dir: Path, lora_rank: int) -> tuple[GridAdapter, f
         *training_flags(spec, output_dir, work_dir / "class-images", lora_rank),
     ]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    returncode, tail = run_with_progress(command, spec.name, spec.steps)
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"training {spec.name} failed:\n{result.stderr[-3000:]}")
+    if returncode != 0:
+        raise RuntimeError(f"training {spec.name} failed:\n" + "".join(tail))
     return describe_adapter(spec.name, output_dir), seconds
+
+
+STEPS_LINE = re.compile(r"^Steps:.*?(\d+)/\d+ \[")
+
+
+def run_with_progress(command: Sequence[str], name: str, total_steps: int) -> tuple[int, list[str]]:
+    """Run the training script, showing its step count on one progress bar; returns (exit code, last lines).
+
+    The child's output is read line by line (tqdm's carriage returns count as line ends) and only
+    its "Steps" bar is shown, so 36 runs do not flood the terminal with library warnings.
+    """
+    tail: deque[str] = deque(maxlen=40)
+    with (
+        tqdm(total=total_steps, desc=f"training {name}", unit="step", leave=False) as progress,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child,
+    ):
+        assert child.stdout is not None
+        for line in child.stdout:
+            match = STEPS_LINE.match(line)
+            if match:
+                progress.update(int(match.group(1)) - progress.n)
+            else:
+                tail.append(line)
+    return child.returncode, list(tail)
 
 
 def score(
@@ -135,7 +180,7 @@ def score(
     subject_images = generate_for_adapter(pipe, adapter, prompts, plan.seeds, plan.steps, plan.guidance_scale, None)
     row_prompts = [prompt for prompt in prompts for _ in plan.seeds]
     class_images = generate_for_adapter(
-        pipe, adapter, [CLASS_PROMPT], plan.seeds * 2, plan.steps, plan.guidance_scale, None
+        pipe, adapter, [CLASS_PROMPT], plan.class_seeds, plan.steps, plan.guidance_scale, None
     )
     return {
         "subject": float(np.mean(evaluator.subject_probability(subject_images))),
@@ -149,6 +194,7 @@ def run_all(
     specs: Sequence[RunSpec], work_dir: Path, lora_rank: int, plan: EvalPlan
 ) -> tuple[list[RunResult], dict[str, float]]:
     """Train and score every run; also score the base model (the no-training reference)."""
+    require_source_checkout()
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -42,3 +42,8 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
         assert result.file_bytes == result.adapter.path.stat().st_size > 0
     table = results_table(results, base_scores)
     assert "| lily | 0.003 | off | " in table and "| lora | 0.003 | on | " in table
+
+
+def test_class_prompt_images_use_distinct_seeds():
+    assert EvalPlan(seeds=(0, 1, 2, 3)).class_seeds == (0, 1, 2, 3, 4, 5, 6, 7)
+    assert len(set(EvalPlan(seeds=(5, 2)).class_seeds)) == 4
