@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import platform
 import tempfile
@@ -24,6 +25,7 @@ from lily_diffusion.toyworld.compare import (
     EvalPlan,
     RunSpec,
     best_grid,
+    results_records,
     results_table,
     run_all,
 )
@@ -67,7 +69,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--work_dir", type=Path, default=None, help="Where runs go (default: a temporary folder).")
     parser.add_argument(
-        "--results", type=Path, default=None, help=f"Markdown output (default {RESULTS}; quick: none)."
+        "--results",
+        type=Path,
+        default=None,
+        help=f"Markdown output (default {RESULTS}; quick: none); per-run scores go beside it as .json.",
     )
     parser.add_argument("--grid", type=Path, default=None, help=f"Grid PNG (default {GRID}; quick: none).")
     return parser.parse_args(input_args)
@@ -107,6 +112,8 @@ def main(input_args: Sequence[str] | None = None) -> str:
     if results_path is not None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(report)
+        records = {"base_model": base_scores, "runs": results_records(results)}
+        results_path.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
     logging.getLogger(__name__).info("%s", report)
     return report
 

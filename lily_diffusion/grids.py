@@ -136,13 +136,23 @@ def labelled_grid(
 
 
 def _wrap(text: str, width: int, font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw) -> list[str]:
-    """Greedy word wrap to `width` pixels (a word longer than the width gets its own line)."""
+    """Greedy word wrap to `width` pixels; a word wider than that is cut into pieces that fit."""
+
+    def fits(line: str) -> bool:
+        return draw.textlength(line, font=font) <= width - 4
+
     lines: list[str] = []
     for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width - 4:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] += f" {word}"
+            continue
+        while len(word) > 1 and not fits(word):
+            cut = len(word) - 1
+            while cut > 1 and not fits(word[:cut]):
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
     return lines or [""]
 
 

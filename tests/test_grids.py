@@ -5,10 +5,10 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from lily_diffusion import LilyConfig, add_lily, remove_lily, save_lily_weights
-from lily_diffusion.grids import GridAdapter, comparison_grid, describe_adapter, labelled_grid, main
+from lily_diffusion.grids import GridAdapter, _wrap, comparison_grid, describe_adapter, labelled_grid, main
 
 
 @pytest.fixture
@@ -94,3 +94,13 @@ def test_cli_writes_the_png(adapter_files, tiny_sdxl_dir, tmp_path):
         main(
             ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--adapter", f"x={tmp_path}/nope", "--prompt", "p"]
         )
+
+
+def test_long_column_labels_are_cut_to_the_cell_width():
+    draw = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    font = ImageFont.load_default()
+    label = "lily-lr0.001-noprior-seed2 (lily, 32,000 params)"
+    lines = _wrap(label, 64, font, draw)
+    assert len(lines) >= 3
+    assert all(draw.textlength(line, font=font) <= 60 for line in lines)
+    assert "".join(lines).replace(" ", "") == label.replace(" ", "")

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,12 @@ class RunSpec:
     @property
     def name(self) -> str:
         return f"{self.method}-lr{self.learning_rate:g}-{'prior' if self.prior else 'noprior'}-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """The run for people: "Lily lr 0.003, prior, seed 0"."""
+        method = {"lily": "Lily", "lora": "LoRA"}.get(self.method, self.method)
+        return f"{method} lr {self.learning_rate:g}, {'prior' if self.prior else 'no prior'}, seed {self.seed}"
 
     @property
     def setting(self) -> tuple[str, float, bool]:
@@ -210,6 +216,20 @@ def run_all(
     return results, base_scores
 
 
+def results_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
+    """Every run as plain data (for a JSON file beside the table)."""
+    return [
+        {
+            **asdict(r.spec),
+            "params": r.adapter.num_parameters,
+            "file_bytes": r.file_bytes,
+            "train_seconds": round(r.train_seconds, 1),
+            "scores": {key: round(value, 4) for key, value in r.scores.items()},
+        }
+        for r in results
+    ]
+
+
 def _mean_std(values: Sequence[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
@@ -250,5 +270,5 @@ def best_grid(
         current = best.get(result.spec.method)
         if current is None or merit > current.scores["subject"] * current.scores["class_preservation"]:
             best[result.spec.method] = result
-    adapters = [GridAdapter("base", None, "base", 0)] + [r.adapter for r in best.values()]
+    adapters = [GridAdapter("base", None, "base", 0)] + [replace(r.adapter, name=r.spec.label) for r in best.values()]
     return comparison_grid(pipe, adapters, prompts, plan.seeds[:2], plan.steps, plan.guidance_scale, None, cell_size)

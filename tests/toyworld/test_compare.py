@@ -1,12 +1,13 @@
 """The subject-driven benchmark end to end in its smallest form: train Lily and LoRA, generate, score."""
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lily_diffusion.toyworld.compare import SUBJECT_DIR, EvalPlan, RunSpec, results_table, run_all
+from lily_diffusion.toyworld.compare import SUBJECT_DIR, EvalPlan, RunSpec, results_records, results_table, run_all
 from lily_diffusion.toyworld.evaluate import ToyEvaluator
 from lily_diffusion.toyworld.render import COLOURS, Scene, render
 
@@ -40,6 +41,12 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
         assert set(result.scores) == {"subject", "similarity", "background", "class_preservation"}
         assert all(np.isfinite(v) for v in result.scores.values())
         assert result.file_bytes == result.adapter.path.stat().st_size > 0
+    records = json.loads(json.dumps(results_records(results)))
+    assert [(r["method"], r["prior"], r["params"]) for r in records] == [
+        ("lily", False, lily.adapter.num_parameters),
+        ("lora", True, lora.adapter.num_parameters),
+    ]
+    assert records[0]["scores"].keys() == lily.scores.keys()
     table = results_table(results, base_scores)
     assert "| lily | 0.003 | off | " in table and "| lora | 0.003 | on | " in table
 
