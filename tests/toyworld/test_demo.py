@@ -15,11 +15,11 @@ def test_demo_trains_both_adapters_and_writes_the_grid_and_the_table(tmp_path):
     table = (output_dir / "scores.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["base model (no training)", "lily", "lora"]
-    assert all("| on |" in row for row in rows[2:])  # the demo trains with prior preservation
+    assert all("| 0.003 | off |" in row for row in rows[2:])  # the benchmark's best setting for both
     grid = Image.open(output_dir / "grid.png")
     # columns: base, Lily, LoRA (64 px cells) beside a label column; rows: the subject and the class prompt
     assert grid.width > 3 * 64 and grid.height > 2 * 64
-    assert (output_dir / "runs" / "lily-lr0.003-prior-seed0").is_dir()
+    assert (output_dir / "runs" / "lily-lr0.003-noprior-seed0").is_dir()
 
 
 def test_missing_bundled_files_are_named(monkeypatch, tmp_path):
