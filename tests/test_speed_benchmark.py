@@ -84,10 +84,11 @@ def test_tables_and_targets_from_figures():
             "unique_bytes": 10,
         },
     }
-    rows = {row[0]: row for row in report.target_rows(results)}
+    rows = {row[0]: row for row in report.target_rows(results, full_sdxl=True)}
     assert rows["training step: ours-sample / peft LoRA (matched)"][1:] == ["0.917", "–", "≤ 1.00", "yes"]
     assert rows["training step: ours-sample / peft Lily"][-1] == "yes"
     assert rows["file bytes / unique parameter bytes (peft Lily)"][1] == "8.000"
+    assert report.target_rows(results)[2][-1].startswith("n/a")  # inference is judged at SDXL widths
     tables = dict(report.iter_tables(results))
     assert len(tables) == 3 and all(table.startswith("| ") for table in tables.values())
 
@@ -95,3 +96,26 @@ def test_tables_and_targets_from_figures():
 def test_peak_rss_can_be_reset_and_read():
     speed.reset_peak_rss()
     assert speed.peak_rss_bytes() >= speed.current_rss_bytes() * 0.9 > 0
+
+
+@pytest.mark.parametrize("key", ["lora-matched", "peft-lily", "ours-sample"])
+def test_profile_clock_times_only_the_adapters(base, registry, key):
+    import profile_speed
+
+    prepared = contenders.prepare(base, SPEC, key, registry[key], torch.float32)
+    forward = speed.inference_forward(prepared, speed.unet_inputs(prepared.model, 2, SETTINGS, seed=1), SETTINGS)
+    seconds, share = profile_speed.adapter_share(prepared, forward, calls=2)
+    assert seconds > 0 and 0 < share < 1  # some of the forward, never all of it
+
+
+def test_profile_layer_tables_name_every_piece():
+    import profile_speed
+
+    rows = profile_speed.training_layer_costs(tokens=8, width=16, r=4, num_B=3, lora_rank=2)
+    assert [row[0] for row in rows] == [
+        "base Linear (frozen)",
+        "+ LoRA r2 (peft's formula)",
+        "+ down-projection only, r=4 (h = x A^T)",
+        "+ Lily r=4, num_B=3 (ours, sample routing)",
+    ]
+    assert rows[0][2] == "–" and all(float(row[1]) > 0 for row in rows)
