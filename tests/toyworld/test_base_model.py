@@ -47,14 +47,17 @@ def test_components_have_the_sdxl_architecture(pipe):
     assert pipe.vae.config.latent_channels == 4
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
         assert tokenizer.tokenize("a photo of sks star on a gray background") == [
-            w + "</w>" for w in "a photo of sks star on a gray background".split()]
+            w + "</w>" for w in "a photo of sks star on a gray background".split()
+        ]
 
 
 def test_generates_what_the_prompt_asks_for(pipe):
     evaluator = ToyEvaluator.load()
     colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
-    prompts = [f"a photo of a {colours[(k + k // 4) % 4]} {SHAPES[k % 4]} on a {backgrounds[k % 3]} background"
-               for k in range(8)]  # every shape and colour twice, every background two or three times
+    prompts = [
+        f"a photo of a {colours[(k + k // 4) % 4]} {SHAPES[k % 4]} on a {backgrounds[k % 3]} background"
+        for k in range(8)
+    ]  # every shape and colour twice, every background two or three times
     images = generate(pipe, prompts, seeds=range(8), steps=10)
     assert len(images) == 8 and images[0].size == (32, 32)
     scores = evaluator.prompt_fidelity(images, prompts)

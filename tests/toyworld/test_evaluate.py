@@ -68,11 +68,18 @@ def test_subject_similarity_separates_the_subject_from_plain_stars(evaluator, in
 
 def test_parse_prompt():
     assert parse_prompt("a photo of a red circle on a gray background") == {
-        "shape": "circle", "colour": "red", "background": "gray", "subject": False}
+        "shape": "circle",
+        "colour": "red",
+        "background": "gray",
+        "subject": False,
+    }
     assert parse_prompt("a photo of sks star on a black background") == {
-        "shape": "star", "colour": None, "background": "black", "subject": True}
-    assert parse_prompt("a photo of a star") == {"shape": "star", "colour": None, "background": None,
-                                                 "subject": False}
+        "shape": "star",
+        "colour": None,
+        "background": "black",
+        "subject": True,
+    }
+    assert parse_prompt("a photo of a star") == {"shape": "star", "colour": None, "background": None, "subject": False}
 
 
 def test_classifier_training_is_deterministic():

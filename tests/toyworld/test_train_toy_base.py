@@ -19,9 +19,32 @@ def _script():
 
 
 def _args(folder: Path, *extra: str) -> list[str]:
-    return ["--output-dir", str(folder), "--save-dir", str(folder / "pipe"), "--vae-steps", "2", "--unet-steps", "3",
-            "--batch-size", "2", "--vae-batch-size", "2", "--checkpoint-every", "10", "--unet-channels", "32", "64",
-            "--warmup-steps", "1", "--scale-samples", "16", "--num-threads", "1", *extra]
+    return [
+        "--output-dir",
+        str(folder),
+        "--save-dir",
+        str(folder / "pipe"),
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--vae-batch-size",
+        "2",
+        "--checkpoint-every",
+        "10",
+        "--unet-channels",
+        "32",
+        "64",
+        "--warmup-steps",
+        "1",
+        "--scale-samples",
+        "16",
+        "--num-threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_stop_and_resume_is_bit_identical_to_one_run(tmp_path):
