@@ -259,16 +259,27 @@ def results_table(results: Sequence[RunResult], base_scores: dict[str, float]) -
     return header + "\n".join(rows) + "\n"
 
 
+def best_runs(results: Sequence[RunResult]) -> list[RunResult]:
+    """Per (method, prior preservation), the run whose images look most like the subject.
+
+    Ranked by subject fidelity + subject similarity; the class prompt's row of the grid shows what it
+    cost in language drift.
+    """
+    best: dict[tuple[str, bool], RunResult] = {}
+    for result in results:
+        key = (result.spec.method, result.spec.prior)
+        merit = result.scores["subject"] + result.scores["similarity"]
+        current = best.get(key)
+        if current is None or merit > current.scores["subject"] + current.scores["similarity"]:
+            best[key] = result
+    return list(best.values())
+
+
 def best_grid(
     results: Sequence[RunResult], plan: EvalPlan, prompts: Sequence[str], cell_size: int = 64
 ) -> Image.Image:
-    """The grid of the base model and, per method, its best-scoring run (by subject fidelity x class preservation)."""
+    """The base model and the best run per (method, prior preservation), labelled for people."""
     pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
-    best: dict[str, RunResult] = {}
-    for result in results:
-        merit = result.scores["subject"] * result.scores["class_preservation"]
-        current = best.get(result.spec.method)
-        if current is None or merit > current.scores["subject"] * current.scores["class_preservation"]:
-            best[result.spec.method] = result
-    adapters = [GridAdapter("base", None, "base", 0)] + [replace(r.adapter, name=r.spec.label) for r in best.values()]
+    columns = [replace(r.adapter, name=r.spec.label) for r in best_runs(results)]
+    adapters = [GridAdapter("base", None, "base", 0), *columns]
     return comparison_grid(pipe, adapters, prompts, plan.seeds[:2], plan.steps, plan.guidance_scale, None, cell_size)

@@ -7,7 +7,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lily_diffusion.toyworld.compare import SUBJECT_DIR, EvalPlan, RunSpec, results_records, results_table, run_all
+from lily_diffusion.grids import GridAdapter
+from lily_diffusion.toyworld.compare import (
+    SUBJECT_DIR,
+    EvalPlan,
+    RunResult,
+    RunSpec,
+    best_runs,
+    results_records,
+    results_table,
+    run_all,
+)
 from lily_diffusion.toyworld.evaluate import ToyEvaluator
 from lily_diffusion.toyworld.render import COLOURS, Scene, render
 
@@ -54,3 +64,25 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
 def test_class_prompt_images_use_distinct_seeds():
     assert EvalPlan(seeds=(0, 1, 2, 3)).class_seeds == (0, 1, 2, 3, 4, 5, 6, 7)
     assert len(set(EvalPlan(seeds=(5, 2)).class_seeds)) == 4
+
+
+def test_best_runs_keeps_one_run_per_method_and_prior():
+    def result(method, prior, seed, subject, similarity):
+        spec = RunSpec(method, 3e-3, prior, seed, 10)
+        adapter = GridAdapter(spec.name, None, method, 1)
+        return RunResult(spec, adapter, 0, 0.0, {"subject": subject, "similarity": similarity})
+
+    runs = [
+        result("lily", False, 0, 0.1, 0.2),
+        result("lily", False, 1, 0.4, 0.3),
+        result("lily", True, 0, 0.0, 0.5),
+        result("lora", False, 0, 0.0, 0.1),
+        result("lora", False, 1, 0.0, 0.3),
+    ]
+    best = best_runs(runs)
+    assert [(r.spec.method, r.spec.prior, r.spec.seed) for r in best] == [
+        ("lily", False, 1),
+        ("lily", True, 0),
+        ("lora", False, 1),
+    ]
+    assert best[0].spec.label == "Lily lr 0.003, no prior, seed 1"
