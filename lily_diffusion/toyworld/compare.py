@@ -265,14 +265,10 @@ def best_runs(results: Sequence[RunResult]) -> list[RunResult]:
     Ranked by subject fidelity + subject similarity; the class prompt's row of the grid shows what it
     cost in language drift.
     """
-    best: dict[tuple[str, bool], RunResult] = {}
+    groups: dict[tuple[str, bool], list[RunResult]] = {}
     for result in results:
-        key = (result.spec.method, result.spec.prior)
-        merit = result.scores["subject"] + result.scores["similarity"]
-        current = best.get(key)
-        if current is None or merit > current.scores["subject"] + current.scores["similarity"]:
-            best[key] = result
-    return list(best.values())
+        groups.setdefault((result.spec.method, result.spec.prior), []).append(result)
+    return [max(group, key=lambda r: r.scores["subject"] + r.scores["similarity"]) for group in groups.values()]
 
 
 def best_grid(
