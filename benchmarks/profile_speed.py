@@ -4,7 +4,8 @@
     python benchmarks/profile_speed.py --full-sdxl  # exact SDXL UNet, forward only -> results/profile_full_sdxl.md
 
 Three views, from the most robust to the most detailed:
-1. one adapted layer, piece by piece (best-of-5 process CPU time): what each change in functional.py saves;
+1. one adapted layer (best-of-5 process CPU time): piece by piece, what each change in functional.py saves;
+   and forward + backward per contender, what a rank-r adapter costs over LoRA's rank;
 2. in situ: the share of a real UNet forward spent inside the adapters, timed within the same forward
    (so a busy machine slows both parts alike); the forward costs 1 / (1 - share) times the base's;
 3. torch.profiler tables of the training step and the forward: the ops with the most extra time and
