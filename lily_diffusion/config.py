@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .patterns import check_pattern, shorten
+
 UNET_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 ROUTINGS: tuple[str, ...] = ("sample", "batch")
@@ -59,29 +61,33 @@ class LilyConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the field for any value Lily cannot work with."""
+        """Raise a one-line `ValueError` naming the field for any value Lily cannot work with.
+
+        Configs also come from files written by others, so a regex target is checked before anything
+        compiles it (valid `re` syntax, bounded size; see `patterns.check_pattern`).
+        """
         if not _is_int(self.r) or self.r <= 0:
-            raise ValueError(f"LilyConfig.r must be a positive integer, got {self.r!r}.")
+            raise ValueError(f"LilyConfig.r must be a positive integer, got {shorten(self.r)}.")
         if not _is_int(self.stride_A) or self.stride_A < 1:
-            raise ValueError(f"LilyConfig.stride_A must be an integer >= 1, got {self.stride_A!r}.")
+            raise ValueError(f"LilyConfig.stride_A must be an integer >= 1, got {shorten(self.stride_A)}.")
         if not _is_int(self.num_B) or self.num_B < 2:
             raise ValueError(
                 "LilyConfig.num_B must be an integer >= 2 (the router mixes at least two experts), "
-                f"got {self.num_B!r}."
+                f"got {shorten(self.num_B)}."
             )
         if (
             isinstance(self.scaling, bool)
             or not isinstance(self.scaling, (int, float))
             or not math.isfinite(self.scaling)
         ):
-            raise ValueError(f"LilyConfig.scaling must be a finite number, got {self.scaling!r}.")
+            raise ValueError(f"LilyConfig.scaling must be a finite number, got {shorten(self.scaling)}.")
         self.scaling = float(self.scaling)
         if self.routing not in ROUTINGS:
-            raise ValueError(f"LilyConfig.routing must be one of {ROUTINGS}, got {self.routing!r}.")
+            raise ValueError(f"LilyConfig.routing must be one of {ROUTINGS}, got {shorten(self.routing)}.")
         _check_targets("target_modules", self.target_modules, allow_none=False)
         _check_targets("exclude_modules", self.exclude_modules, allow_none=True)
         if not isinstance(self.init_weights, bool):
-            raise ValueError(f"LilyConfig.init_weights must be a bool, got {self.init_weights!r}.")
+            raise ValueError(f"LilyConfig.init_weights must be a bool, got {shorten(self.init_weights)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,8 +134,9 @@ def _check_targets(name: str, value: object, allow_none: bool) -> None:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"LilyConfig.{name} must not be an empty string.")
+        check_pattern(f"LilyConfig.{name}", value)
         return
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise ValueError(
-            f"LilyConfig.{name} must be a non-empty list of non-empty strings or one regex, got {value!r}."
+            f"LilyConfig.{name} must be a non-empty list of non-empty strings or one regex, got {shorten(value)}."
         )

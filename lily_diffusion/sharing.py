@@ -7,13 +7,14 @@ the loader and the parameter counter all rebuild it the same way, so files need 
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
 
 from .config import LilyConfig
 from .layer import LilyLinear
+from .patterns import PatternMatcher
 
 ADAPTERS_ATTRIBUTE = "lily_adapters"  # where add_lily registers the adapters on the model
 
@@ -72,44 +73,57 @@ class LilyLayout:
         return [path for group in self.groups for path in group.a_leaders(self.stride_A)]
 
 
-def target_name(module_path: str, target_modules: list[str] | str) -> str | None:
+def target_name(
+    module_path: str, target_modules: Collection[str] | str, matcher: PatternMatcher | None = None
+) -> str | None:
     """The target a module path matches, or None.
 
     For a list: the longest entry the path equals or ends with (as `.entry`), never set order.
     For a regex (full match on the path): the path's final component, where a trailing numeric
-    index counts with its parent (`...to_out.0` -> `to_out.0`).
+    index counts with its parent (`...to_out.0` -> `to_out.0`). Pass a set for many entries, and
+    one `matcher` for many paths so that their regex matching shares one time budget.
     """
     if isinstance(target_modules, str):
-        if re.fullmatch(target_modules, module_path) is None:
+        if not (matcher or PatternMatcher()).fullmatch("LilyConfig.target_modules", target_modules, module_path):
             return None
         parts = module_path.split(".")
         if len(parts) > 1 and parts[-1].isdigit():
             return ".".join(parts[-2:])
         return parts[-1]
-    matches = [t for t in target_modules if module_path == t or module_path.endswith("." + t)]
-    return max(matches, key=len) if matches else None
+    # the path's dot-suffixes, longest first: the work is bounded by the path, not by the list
+    return next((suffix for suffix in _dot_suffixes(module_path) if suffix in target_modules), None)
 
 
-def is_excluded(module_path: str, exclude_modules: list[str] | str | None) -> bool:
+def is_excluded(
+    module_path: str, exclude_modules: Collection[str] | str | None, matcher: PatternMatcher | None = None
+) -> bool:
     if not exclude_modules:
         return False
     if isinstance(exclude_modules, str):
-        return re.fullmatch(exclude_modules, module_path) is not None
-    return any(module_path == e or module_path.endswith("." + e) for e in exclude_modules)
+        return (matcher or PatternMatcher()).fullmatch("LilyConfig.exclude_modules", exclude_modules, module_path)
+    return any(suffix in exclude_modules for suffix in _dot_suffixes(module_path))
+
+
+def _dot_suffixes(module_path: str) -> list[str]:
+    """`a.b.c` -> [`a.b.c`, `b.c`, `c`]: what the path equals or ends with after a dot."""
+    parts = module_path.split(".")
+    return [".".join(parts[start:]) for start in range(len(parts))]
 
 
 def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, nn.Linear]]:
     """`(path, target name, base Linear)` for every module the config adapts, in registration order.
 
     Raises `TypeError` for a matched module that is not an `nn.Linear`, and `ValueError` when
-    nothing matches.
+    nothing matches or a regex takes longer than its time budget over all the module names.
     """
     found: list[tuple[str, str, nn.Linear]] = []
+    targets, excludes = _lookup(config.target_modules), _lookup(config.exclude_modules)
+    matcher = PatternMatcher()
     for path, module in model.named_modules():
         if not path or path.split(".")[0] == ADAPTERS_ATTRIBUTE:
             continue
-        target = target_name(path, config.target_modules)
-        if target is None or is_excluded(path, config.exclude_modules):
+        target = target_name(path, targets, matcher)
+        if target is None or is_excluded(path, excludes, matcher):
             continue
         # Exactly nn.Linear (or our wrapper of one): a subclass with its own forward (quantized, LoRA, ...)
         # would be silently bypassed by LilyLinear's F.linear.
@@ -126,6 +140,11 @@ def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, n
             f"{type(model).__name__}. Some of its Linear layers: {linear_names}."
         )
     return found
+
+
+def _lookup(entries: list[str] | str | None) -> frozenset[str] | str | None:
+    """A regex as is, a list of suffixes as a set (constant-time lookups however long the list)."""
+    return entries if entries is None or isinstance(entries, str) else frozenset(entries)
 
 
 def build_layout(model: nn.Module, config: LilyConfig) -> LilyLayout:
