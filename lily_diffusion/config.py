@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -12,6 +13,7 @@ from .patterns import check_pattern, shorten
 UNET_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 ROUTINGS: tuple[str, ...] = ("sample", "batch")
+MAX_MULTIPLIER = 1e3  # bound on |scaling| and |scale|; see check_multiplier
 
 
 @dataclass
@@ -29,7 +31,9 @@ class LilyConfig:
         metadata={"help": "How many consecutive layers of a group share one down-projection A."},
     )
     num_B: int = field(default=8, metadata={"help": "Number of up-projection experts B in each group's pool (>= 2)."})
-    scaling: float = field(default=1.0, metadata={"help": "Multiplier of the adapter output (no alpha/r)."})
+    scaling: float = field(
+        default=1.0, metadata={"help": "Multiplier of the adapter output (no alpha/r); |scaling| <= 1000."}
+    )
     target_modules: list[str] | str = field(
         default_factory=lambda: list(UNET_TARGET_MODULES),
         metadata={"help": "Module-name suffixes to adapt, or one regex matched against full module names."},
@@ -63,8 +67,9 @@ class LilyConfig:
     def validate(self) -> None:
         """Raise a one-line `ValueError` naming the field for any value Lily cannot work with.
 
-        Configs also come from files written by others, so a regex target is checked before anything
-        compiles it (valid `re` syntax, bounded size; see `patterns.check_pattern`).
+        Configs also come from files written by others, so besides types and ranges this bounds `scaling`
+        (|scaling| <= 1000, see `check_multiplier`) and checks a regex target before anything compiles it
+        (valid `re` syntax, bounded size; see `patterns.check_pattern`).
         """
         if not _is_int(self.r) or self.r <= 0:
             raise ValueError(f"LilyConfig.r must be a positive integer, got {shorten(self.r)}.")
@@ -75,13 +80,7 @@ class LilyConfig:
                 "LilyConfig.num_B must be an integer >= 2 (the router mixes at least two experts), "
                 f"got {shorten(self.num_B)}."
             )
-        if (
-            isinstance(self.scaling, bool)
-            or not isinstance(self.scaling, (int, float))
-            or not math.isfinite(self.scaling)
-        ):
-            raise ValueError(f"LilyConfig.scaling must be a finite number, got {shorten(self.scaling)}.")
-        self.scaling = float(self.scaling)
+        self.scaling = check_multiplier("LilyConfig.scaling", self.scaling)
         if self.routing not in ROUTINGS:
             raise ValueError(f"LilyConfig.routing must be one of {ROUTINGS}, got {shorten(self.routing)}.")
         _check_targets("target_modules", self.target_modules, allow_none=False)
@@ -122,6 +121,26 @@ class LilyConfig:
         shared = ("r", "stride_A", "num_B", "scaling", "target_modules", "exclude_modules", "init_weights")
         values = {name: peft_config[name] for name in shared if peft_config.get(name) is not None}
         return cls(routing=routing, **values)
+
+
+def check_multiplier(name: str, value: object) -> float:
+    """`value` as a float if it is a finite real number with |value| <= MAX_MULTIPLIER, else a `ValueError`.
+
+    The adapter's output is multiplied by `scaling * scale`. The default 1.0 (peft's too) and any value a real
+    adapter is trained or used with sit far inside the bound; beyond it the update swamps the layer's own output
+    and fp16/bf16 activations overflow (fp16 tops out at 65504), so such a value is a corrupt file, not a setting.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number, got {shorten(value)}.")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400 from JSON
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {shorten(value)}.")
+    if abs(number) > MAX_MULTIPLIER:
+        raise ValueError(f"{name} must be between -{MAX_MULTIPLIER:g} and {MAX_MULTIPLIER:g}, got {shorten(value)}.")
+    return number
 
 
 def _is_int(value: object) -> bool:

@@ -19,7 +19,8 @@ from torch import nn
 
 from .adapter import LilyAdapter, add_lily, lily_adapters, remove_lily
 from .config import LilyConfig
-from .serialization import LilyComponentWeights, LilyFileError, check_fits, copy_into_adapter
+from .patterns import shorten
+from .serialization import LilyComponentWeights, LilyFileError, check_finite, check_fits, copy_into_adapter
 from .sharing import LilyLayout, build_layout
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -36,18 +37,37 @@ def read_peft_lily(peft_dir: str | os.PathLike[str], model: nn.Module, routing: 
         raise FileNotFoundError(
             f"{folder} is not a peft adapter folder: it needs {PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME}."
         )
-    peft_config = json.loads(config_path.read_text())
-    if str(peft_config.get("peft_type", "")).upper() != "LILY":
-        raise LilyFileError(f"{config_path} is a peft {peft_config.get('peft_type')!r} adapter, not a Lily adapter.")
-    config = LilyConfig.from_peft(peft_config, routing=routing)
+    config = _read_peft_config(config_path, routing)
     try:
         peft_tensors = load_file(str(weights_path))
     except SafetensorError as error:
         raise LilyFileError(f"{weights_path} is not a readable safetensors file: {error}") from error
-    layout = build_layout(model, config)
+    check_finite(peft_tensors, str(weights_path))
+    try:
+        layout = build_layout(model, config)
+    except (TypeError, ValueError) as error:
+        raise LilyFileError(f"The peft adapter does not fit {type(model).__name__}: {error}") from error
     per_layer = _per_layer_tensors(peft_tensors, layout, weights_path)
     tensors = _deduplicate(per_layer, layout, config)
     return LilyComponentWeights(config, tensors)
+
+
+def _read_peft_config(config_path: Path, routing: str) -> LilyConfig:
+    """Our config from a peft `adapter_config.json`, with a `LilyFileError` for anything unusable."""
+    try:
+        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise LilyFileError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(peft_config, dict):
+        raise LilyFileError(f"{config_path} must hold a JSON object, not {type(peft_config).__name__}.")
+    if str(peft_config.get("peft_type", "")).upper() != "LILY":
+        raise LilyFileError(
+            f"{config_path} is a peft {shorten(peft_config.get('peft_type'))} adapter, not a Lily adapter."
+        )
+    try:
+        return LilyConfig.from_peft(peft_config, routing=routing)
+    except (TypeError, ValueError) as error:
+        raise LilyFileError(f"{config_path}: invalid Lily config: {error}") from None
 
 
 def import_peft_lily(

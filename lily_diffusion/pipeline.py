@@ -8,6 +8,7 @@ import os
 from torch import nn
 
 from .adapter import LilyAdapter, activate_lily, add_lily, get_lily_adapter, lily_adapters, remove_lily
+from .config import check_multiplier
 from .layer import LilyMergeError
 from .serialization import COMPONENTS, LilyComponentWeights, check_fits, copy_into_adapter, read_lily_file
 
@@ -39,20 +40,36 @@ def load_lily_weights(
 
     For a pipeline, every component in the file is loaded into the pipeline's component of that
     name. For a bare model, the file's only component is used, or the one named by `component`.
-    Everything is checked before anything changes: a failed load leaves the model as it was.
-    An adapter already loaded under `adapter_name` is replaced.
+    Everything (`scale`, the file's config, keys, shapes and values) is checked before anything
+    changes: a failed load leaves the model as it was. An adapter already loaded under
+    `adapter_name` is replaced.
     """
-    file_components = read_lily_file(path_or_dir)
-    targets = _pair_components(pipe_or_model, file_components, component, path_or_dir)
-    for name, (model, weights) in targets.items():
-        check_fits(model, weights, name)
+    scale = check_multiplier("scale", scale)
+    targets = _checked_targets(pipe_or_model, path_or_dir, component)
     for model, weights in targets.values():
         if adapter_name in lily_adapters(model):
             remove_lily(model, adapter_name)
         adapter = add_lily(model, weights.config, adapter_name)
         copy_into_adapter(adapter, weights.tensors)
-        adapter.scale = float(scale)
+        adapter.scale = scale
     logger.info("Loaded Lily adapter %r into %s.", adapter_name, ", ".join(targets))
+
+
+def check_lily_weights(
+    pipe_or_model: object, path_or_dir: str | os.PathLike[str], component: str | None = None
+) -> list[str]:
+    """Every check `load_lily_weights` makes, without loading anything; returns the components it would load."""
+    return list(_checked_targets(pipe_or_model, path_or_dir, component))
+
+
+def _checked_targets(
+    pipe_or_model: object, path_or_dir: str | os.PathLike[str], component: str | None
+) -> dict[str, tuple[nn.Module, LilyComponentWeights]]:
+    file_components = read_lily_file(path_or_dir)
+    targets = _pair_components(pipe_or_model, file_components, component, path_or_dir)
+    for name, (model, weights) in targets.items():
+        check_fits(model, weights, name)
+    return targets
 
 
 def _pair_components(
@@ -87,9 +104,13 @@ def unload_lily_weights(pipe_or_model: object, adapter_name: str | None = None) 
 
 
 def set_lily_scale(pipe_or_model: object, scale: float, adapter_name: str | None = None) -> None:
-    """Multiply the adapter's output by `scale` (on top of its config's `scaling`); 0 turns it off."""
+    """Multiply the adapter's output by `scale` (on top of its config's `scaling`); 0 turns it off.
+
+    `scale` must be a finite number with |scale| <= 1000 (`ValueError` otherwise, nothing changed).
+    """
+    scale = check_multiplier("scale", scale)
     for adapter in _selected_adapters(pipe_or_model, adapter_name):
-        adapter.scale = float(scale)
+        adapter.scale = scale
 
 
 def set_lily_adapter(pipe_or_model: object, adapter_name: str | None) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapter import LilyAdapter, get_lily_adapter
 from .config import LilyConfig
+from .patterns import shorten
 from .sharing import LilyLayout, build_layout
 
 WEIGHTS_NAME = "pytorch_lily_weights.safetensors"
@@ -174,7 +175,8 @@ def _check_format(path: Path, metadata: dict[str, str], keys: list[str]) -> None
 
 
 def check_fits(model: nn.Module, weights: LilyComponentWeights, component: str) -> LilyLayout:
-    """Rebuild the layout on `model` and check every key and shape against it (nothing is changed)."""
+    """Rebuild the layout on `model`; check every key, shape and value against it (nothing is changed)."""
+    check_finite(weights.tensors, f"the {component} adapter")
     try:
         layout = build_layout(model, weights.config)
     except (TypeError, ValueError) as error:
@@ -198,6 +200,23 @@ def check_fits(model: nn.Module, weights: LilyComponentWeights, component: str) 
             f"missing keys ({len(missing)}): {_few(missing)}; unexpected keys ({len(unexpected)}): {_few(unexpected)}."
         )
     return layout
+
+
+def check_finite(tensors: dict[str, torch.Tensor], owner: str) -> None:
+    """Raise `LilyFileError` naming the first tensor that is not floating point or, in fp32, not finite.
+
+    The adapter's parameters are fp32, so a float64 value beyond fp32's range counts as infinite.
+    """
+    for key, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            raise LilyFileError(
+                f"Tensor {shorten(key)} of {owner} has dtype {tensor.dtype}; Lily weights are floating point."
+            )
+        if not torch.isfinite(tensor.to(torch.float32)).all():
+            raise LilyFileError(
+                f"Tensor {shorten(key)} of {owner} holds non-finite values (NaN or infinity); the weights are corrupt "
+                "(a diverged training run?) and would make every image NaN."
+            )
 
 
 def copy_into_adapter(adapter: LilyAdapter, tensors: dict[str, torch.Tensor]) -> None:
