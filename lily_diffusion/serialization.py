@@ -9,7 +9,8 @@ Keys, below a component prefix (`unet.`, `text_encoder.`, `text_encoder_2.`):
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,15 +102,31 @@ def save_lily_weights(
 
 
 def write_atomically(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+    """Write to a temporary file in the same folder, then rename: readers never see half a file.
+
+    The file gets the mode a plain `open()` gives: an existing file's, else 0o666 less the umask.
+    (safetensors >= 0.8 writes every file 0o600, readable by its owner only.)
+    """
+    temporary = _new_temporary_file(target)
     try:
-        save_file(tensors, temporary, metadata=metadata)
+        mode = stat.S_IMODE((target if target.exists() else temporary).stat().st_mode)
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.chmod(temporary, mode)
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def _new_temporary_file(target: Path) -> Path:
+    """Create a new, empty, uniquely named file beside `target`, as `open()` would (mode 0o666 less the umask)."""
+    while True:
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # another writer's name (2**-64 odds): draw again
+            continue
+        return candidate
 
 
 def resolve_weights_path(path_or_dir: str | os.PathLike[str], weight_name: str = WEIGHTS_NAME) -> Path:
