@@ -120,7 +120,7 @@ def write_report(args: argparse.Namespace, result: dict) -> None:
         f"{result['class_subject_probability']:.3f}.",
         f"- Untrained instance prompt \"{INSTANCE_PROMPT}\" (16 seeds): mean P(subject) "
         f"{result['instance_subject_probability']:.3f} (the base model has never seen the subject).",
-        f"- Size on disk: {result['size_mb']:.1f} MB (fp16 safetensors). Generating the {args.n} images took "
+        f"- Size on disk: {result['size_mb']:.1f} MB (fp32 safetensors). Generating the {args.n} images took "
         f"{result['generation_seconds']:.0f} s on 2 CPU cores.",
         "- Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in result["parameters"].items()) + ".",
     ]

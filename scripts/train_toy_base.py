@@ -7,7 +7,8 @@ Two stages, each resumable from a periodic checkpoint in `--output-dir` (rerun t
    min-SNR weighting, 10% unconditional samples with zero text embeddings as SDXL's pipeline uses for CFG, EMA).
 
 Every batch, caption and noise tensor is a pure function of (`--seed`, stage, step), so a resumed run ends with the
-same weights as an uninterrupted one. The finished pipeline is saved in fp16 safetensors to `--save-dir`.
+same weights as an uninterrupted one. The finished pipeline is rounded to fp16 precision and saved as fp32 safetensors
+to `--save-dir`, so a plain `StableDiffusionXLPipeline.from_pretrained(save_dir)` gets one dtype in every component.
 
     python scripts/train_toy_base.py --output-dir runs/toy-base --save-dir assets/toy-sdxl-base
 """
@@ -65,7 +66,7 @@ CAPTION_PROBS: tuple[float, ...] = (0.6, 0.15, 0.15, 0.1)
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/toy-base"), help="checkpoints live here")
-    parser.add_argument("--save-dir", type=Path, default=Path("assets/toy-sdxl-base"), help="final fp16 pipeline")
+    parser.add_argument("--save-dir", type=Path, default=Path("assets/toy-sdxl-base"), help="final fp32 pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=2)
     parser.add_argument("--vae-steps", type=int, default=2000)
@@ -312,7 +313,9 @@ def main(args: argparse.Namespace) -> Path | None:
     except StopRequested as stop:
         logger.info("%s; rerun the same command to continue", stop)
         return None
-    pipe = assemble_pipeline(vae, text.text_encoder, text.text_encoder_2, unet).to(torch.float16)
+    # Rounded to fp16 precision (the weights every reported score was measured on), stored as fp32: a plain
+    # from_pretrained then loads one dtype everywhere (fp16 files make transformers load fp16 text encoders).
+    pipe = assemble_pipeline(vae, text.text_encoder, text.text_encoder_2, unet).to(torch.float16).to(torch.float32)
     pipe.save_pretrained(args.save_dir, safe_serialization=True)
     total = vae_seconds + unet_seconds
     summary = {
@@ -324,7 +327,7 @@ def main(args: argparse.Namespace) -> Path | None:
         "threads": args.num_threads,
     }
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logger.info("saved %s (fp16); training took %.1f min in all", args.save_dir, summary["minutes"])
+    logger.info("saved %s (fp32); training took %.1f min in all", args.save_dir, summary["minutes"])
     return args.save_dir
 
 

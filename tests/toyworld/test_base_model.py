@@ -1,4 +1,4 @@
-"""The committed toy base model: small fp16 safetensors, real SDXL classes, loads and follows prompts."""
+"""The committed toy base model: small fp32 safetensors, real SDXL classes, loads and follows prompts."""
 
 import json
 from pathlib import Path
@@ -26,7 +26,7 @@ def pipe() -> StableDiffusionXLPipeline:
     return pipeline
 
 
-def test_folder_is_small_fp16_safetensors_without_variants():
+def test_folder_is_small_fp32_safetensors_without_variants():
     files = [p for p in MODEL.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40_000_000
     weights = [p for p in files if p.suffix == ".safetensors"]
@@ -34,7 +34,7 @@ def test_folder_is_small_fp16_safetensors_without_variants():
     assert not [p for p in files if p.suffix in (".bin", ".pt") or ".fp16." in p.name]
     for path in weights:
         with safe_open(path, framework="pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path  # noqa: SIM118
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}, path  # noqa: SIM118
     assert json.loads((MODEL / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
 
 
