@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from torch import nn
 from tqdm.auto import tqdm
 
-from .pipeline import load_lily_weights, unload_lily_weights
-from .serialization import FORMAT, WEIGHTS_NAME
+from .patterns import shorten
+from .pipeline import check_lily_weights, load_lily_weights, unload_lily_weights
+from .serialization import COMPONENTS, FORMAT, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+GRID_ADAPTER_NAME = "grid"  # the name each adapter is loaded under while its column is generated
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -43,26 +50,99 @@ class GridAdapter:
 
 
 def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdapter:
-    """Find the weights file, tell Lily from LoRA by its metadata, count its parameters."""
+    """Find the weights file, tell Lily from LoRA by its metadata, count its parameters.
+
+    Only safetensors files are read (a pickle file can run code); `ValueError` or `FileNotFoundError`
+    in one line for anything else.
+    """
     path = Path(path_or_dir)
     if path.is_dir():
         candidates = [path / WEIGHTS_NAME, path / LORA_WEIGHTS_NAME]
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
+        pickles = sorted(p.name for p in Path(path_or_dir).glob("*.bin")) if Path(path_or_dir).is_dir() else []
+        hint = f"; found {', '.join(pickles)}, but pickle files are not loaded (they can run code)" if pickles else ""
         raise FileNotFoundError(
-            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHTS_NAME})."
+            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHTS_NAME}){hint}."
         )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        keys = list(handle.keys())
-        count = sum(_numel(handle.get_slice(key).get_shape()) for key in keys)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+            count = sum(_numel(handle.get_slice(key).get_shape()) for key in keys if not key.endswith(".alpha"))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({_one_line(error)}); lily-grid reads only safetensors "
+            "adapters (a truncated download, or a pickle .bin/.pt file, which is never loaded since it can run code)."
+        ) from None
     if metadata.get("format") == FORMAT:
         kind = "lily"
-    elif any("lora" in key for key in keys):
+    elif any("lora" in key.lower() for key in keys):
         kind = "lora"
+        if path.suffix != ".safetensors":  # diffusers would look for a pickle file under any other name
+            raise ValueError(f"{path} is a LoRA file without the .safetensors suffix diffusers needs; rename it.")
     else:
         raise ValueError(f"{path} is neither a lily_diffusion file nor a diffusers LoRA file.")
     return GridAdapter(name, path, kind, count)
+
+
+def check_adapter_fits(pipe: StableDiffusionXLPipeline, adapter: GridAdapter) -> None:
+    """Check that `adapter` loads into `pipe` as it will for its column; the pipeline is left as it was.
+
+    Lily files get every check of `load_lily_weights`. LoRA files are loaded by diffusers and unloaded
+    again, and every LoRA weight in the file must have found a module of the pipeline.
+    """
+    where = f"adapter {adapter.name!r} ({adapter.path})"
+    if adapter.kind == "lily":
+        try:
+            check_lily_weights(pipe, adapter.path)
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"{where} does not fit the base model: {error}") from None
+        return
+    if adapter.kind != "lora":
+        return
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)  # its page-long error log would repeat our one line
+    try:
+        _load_lora(pipe, adapter)
+        loaded = _lora_parameter_count(pipe)
+    except Exception as error:  # whatever diffusers or peft raise: this file cannot be used with this pipeline
+        raise ValueError(
+            f"{where} does not fit the base model: diffusers cannot load it ({type(error).__name__}: "
+            f"{_one_line(error)})."
+        ) from None
+    finally:
+        pipe.unload_lora_weights()
+        diffusers_logging.set_verbosity(verbosity)
+    if loaded != adapter.num_parameters:
+        raise ValueError(
+            f"{where} does not fit the base model: only {loaded:,} of its {adapter.num_parameters:,} LoRA weights "
+            "found a module of the pipeline (saved for another model?)."
+        )
+
+
+def _load_lora(pipe: StableDiffusionXLPipeline, adapter: GridAdapter) -> None:
+    """diffusers' own LoRA loading, from the named safetensors file only."""
+    pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=GRID_ADAPTER_NAME)
+
+
+def _lora_parameter_count(pipe: StableDiffusionXLPipeline) -> int:
+    """Elements of the LoRA weights loaded under the grid's adapter name, over the adaptable components."""
+    models = [getattr(pipe, name, None) for name in COMPONENTS]
+    marker = f".{GRID_ADAPTER_NAME}."
+    return sum(
+        parameter.numel()
+        for model in models
+        if isinstance(model, nn.Module)
+        for name, parameter in model.named_parameters()
+        if "lora_" in name and marker in name
+    )
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (library messages can run to pages)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -83,9 +163,9 @@ def generate_for_adapter(
 ) -> list[Image.Image]:
     """Images for every (prompt, seed) in row order; one pipeline call per prompt with all seeds batched."""
     if adapter.kind == "lily":
-        load_lily_weights(pipe, adapter.path, adapter_name="grid")
+        load_lily_weights(pipe, adapter.path, adapter_name=GRID_ADAPTER_NAME)
     elif adapter.kind == "lora":
-        pipe.load_lora_weights(str(adapter.path), adapter_name="grid")
+        _load_lora(pipe, adapter)
     try:
         images: list[Image.Image] = []
         for prompt in prompts:
@@ -101,7 +181,7 @@ def generate_for_adapter(
         return images
     finally:
         if adapter.kind == "lily":
-            unload_lily_weights(pipe, "grid")
+            unload_lily_weights(pipe, GRID_ADAPTER_NAME)
         elif adapter.kind == "lora":
             pipe.unload_lora_weights()
 
@@ -177,6 +257,7 @@ def comparison_grid(
 
 
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check every argument (exit status 2 with one line for a bad one); nothing is loaded."""
     parser = argparse.ArgumentParser(prog="lily-grid", description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="Base pipeline: hub id or folder.")
     parser.add_argument(
@@ -184,34 +265,128 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="An adapter file or folder (Lily or LoRA), repeatable.",
+        help="An adapter file or folder (Lily or LoRA, safetensors), repeatable.",
     )
     parser.add_argument("--no_base", action="store_true", help="Leave out the base model's column.")
     parser.add_argument("--prompt", action="append", required=True, help="A prompt (a row per seed), repeatable.")
-    parser.add_argument("--seed", type=int, action="append", default=None, help="Seeds (default 0 and 1).")
-    parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
-    parser.add_argument("--cell_size", type=int, default=None, help="Resize every image to this many pixels.")
-    parser.add_argument("--output", default="grid.png", help="Where to write the PNG.")
+    parser.add_argument("--seed", type=_seed, action="append", default=None, help="Seeds (default 0 and 1).")
+    parser.add_argument("--num_inference_steps", type=_positive_int, default=25)
+    parser.add_argument("--guidance_scale", type=_finite_float, default=5.0)
+    parser.add_argument(
+        "--resolution", type=_positive_int, default=None, help="Image size, a multiple of 8 (default: the model's)."
+    )
+    parser.add_argument(
+        "--cell_size", type=_positive_int, default=None, help="Resize every image to this many pixels."
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype the base pipeline is loaded in (torch_dtype)."
+    )
+    parser.add_argument("--output", default="grid.png", help="Where to write the image (PNG, or another PIL format).")
     args = parser.parse_args(input_args)
-    for spec in args.adapter:
-        if "=" not in spec:
-            parser.error(f"--adapter takes NAME=PATH, got {spec!r}")
+    problem = _argument_problem(args)
+    if problem:
+        parser.error(problem)
     return args
 
 
-def main(input_args: Sequence[str] | None = None) -> Path:
-    """The `lily-grid` console script."""
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """The first argument lily-grid cannot use, as a sentence, or None."""
+    names = []
+    for spec in args.adapter:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            return f"--adapter takes NAME=PATH with both parts non-empty, got {spec!r}"
+        names.append(name)
+    if len(set(names)) != len(names):
+        return f"--adapter names must differ, got {names}"
+    if args.no_base and not args.adapter:
+        return "--no_base leaves no column to draw: give at least one --adapter"
+    if args.resolution is not None and args.resolution % 8:
+        return f"--resolution must be a multiple of 8 (SDXL's VAE and UNet need it), got {args.resolution}"
+    return _output_problem(Path(args.output)) or _base_problem(args.pretrained_model_name_or_path)
+
+
+def _output_problem(output: Path) -> str | None:
+    if output.is_dir():
+        return f"--output {output} is a folder; give a file name such as {output / 'grid.png'}"
+    extensions = Image.registered_extensions()
+    if extensions.get(output.suffix.lower()) not in Image.SAVE:
+        return f"--output {output} has no image suffix PIL can write (such as .png or .jpg)"
+    parent = next(p for p in output.absolute().parents if p.exists())
+    if not parent.is_dir():
+        return f"--output {output} is under {parent}, which is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--output {output}: cannot write under {parent}"
+    return None
+
+
+def _base_problem(name: str) -> str | None:
+    """Local folders are checked here; anything else is left to from_pretrained as a Hub id."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return f"--pretrained_model_name_or_path {name} is a file, not a pipeline folder"
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        return f"--pretrained_model_name_or_path {name} has no model_index.json: not a diffusers pipeline folder"
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+    if not path.exists() and looks_local:
+        return f"--pretrained_model_name_or_path {name}: no such folder"
+    return None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def load_base(name: str, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """`StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype)`, with a one-line `ValueError`."""
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the base model {shorten(name)}: {_one_line(error)}") from None
+
+
+def main(input_args: Sequence[str] | None = None) -> int:
+    """The `lily-grid` console script: 0 on success; 2 for a bad argument, 1 for an unusable file or model.
+
+    Every adapter is read and checked against the loaded base model before any image is generated.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(input_args)
     try:
         adapters = [describe_adapter(*spec.split("=", 1)) for spec in args.adapter]
+        pipe = load_base(args.pretrained_model_name_or_path, DTYPES[args.dtype])
+        for adapter in adapters:
+            check_adapter_fits(pipe, adapter)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"lily-grid: error: {_one_line(error, limit=2000)}") from None
     if not args.no_base:
         adapters.insert(0, GridAdapter("base", None, "base", 0))
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path)
     grid = comparison_grid(
         pipe,
         adapters,
@@ -226,4 +401,8 @@ def main(input_args: Sequence[str] | None = None) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     grid.save(output)
     logger.info("wrote %s", output)
-    return output
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

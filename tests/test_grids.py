@@ -71,7 +71,8 @@ def test_labelled_grid_writes_labels_in_the_margins():
 
 def test_cli_writes_the_png(adapter_files, tiny_sdxl_dir, tmp_path):
     lily_path, _, lora_dir, _ = adapter_files
-    out = main(
+    out = tmp_path / "out" / "grid.png"
+    status = main(
         [
             "--pretrained_model_name_or_path",
             str(tiny_sdxl_dir),
@@ -86,9 +87,10 @@ def test_cli_writes_the_png(adapter_files, tiny_sdxl_dir, tmp_path):
             "--num_inference_steps",
             "2",
             "--output",
-            str(tmp_path / "out" / "grid.png"),
+            str(out),
         ]
     )
+    assert status == 0  # the console script passes it to sys.exit
     assert Image.open(out).size[0] > 3 * 16
     with pytest.raises(SystemExit, match="No adapter weights"):
         main(
