@@ -75,9 +75,10 @@ def weight_name_for(kind: str) -> str:
     return LILY_WEIGHT_NAME if kind == "lily" else LORA_WEIGHT_NAME
 
 
-def lily_config_from_args(args: argparse.Namespace, targets: list[str]) -> LilyConfig:
-    """A LilyConfig from the --lily_* flags (unset flags keep LilyConfig's defaults)."""
-    values: dict[str, object] = {"target_modules": list(targets)}
+def lily_config_from_args(args: argparse.Namespace, targets: list[str] | str) -> LilyConfig:
+    """A LilyConfig from the --lily_* flags (unset flags keep LilyConfig's defaults); `targets` are suffixes
+    or one regex."""
+    values: dict[str, object] = {"target_modules": _copy_targets(targets)}
     for flag, name in (
         ("lily_r", "r"),
         ("lily_stride_A", "stride_A"),
@@ -93,7 +94,12 @@ def lily_config_from_args(args: argparse.Namespace, targets: list[str]) -> LilyC
         raise TrainingError(f"invalid Lily settings: {err}") from err
 
 
-def _add_lily(args: argparse.Namespace, model: nn.Module, targets: list[str], label: str) -> list[nn.Parameter]:
+def _copy_targets(targets: list[str] | str) -> list[str] | str:
+    """Suffixes as a new list; a regex (one string) as it is."""
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def _add_lily(args: argparse.Namespace, model: nn.Module, targets: list[str] | str, label: str) -> list[nn.Parameter]:
     config = lily_config_from_args(args, targets)
     try:
         if args.match_lora_budget is not None:
@@ -108,14 +114,14 @@ def _add_lily(args: argparse.Namespace, model: nn.Module, targets: list[str], la
     return parameters
 
 
-def _add_lora(args: argparse.Namespace, model: nn.Module, targets: list[str]) -> list[nn.Parameter]:
+def _add_lora(args: argparse.Namespace, model: nn.Module, targets: list[str] | str) -> list[nn.Parameter]:
     config = LoraConfig(
         r=args.rank,
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
         lora_dropout=args.lora_dropout,
         use_dora=args.use_dora,
         init_lora_weights="gaussian",
-        target_modules=list(targets),
+        target_modules=_copy_targets(targets),
     )
     try:
         model.add_adapter(config)
@@ -128,8 +134,8 @@ def add_adapters(args: argparse.Namespace, models: AdaptedModels, mixed_precisio
     """Freeze the base weights and add the chosen adapter; trainable parameters end up in fp32."""
     for model in models.components().values():
         model.requires_grad_(False)
-    unet_targets = list(args.target_modules or DEFAULT_UNET_TARGETS)
-    te_targets = list(args.text_encoder_target_modules or DEFAULT_TEXT_ENCODER_TARGETS)
+    unet_targets = _copy_targets(args.target_modules or DEFAULT_UNET_TARGETS)
+    te_targets = _copy_targets(args.text_encoder_target_modules or DEFAULT_TEXT_ENCODER_TARGETS)
     result = TrainableAdapters(kind=args.adapter, weight_name=weight_name_for(args.adapter))
     text_encoders = [m for m in (models.text_encoder_one, models.text_encoder_two) if m is not None]
     if args.adapter == "lily":

@@ -9,25 +9,55 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import numpy as np
 from diffusers.optimization import SchedulerType
 
 from ..config import TEXT_ENCODER_TARGET_MODULES as DEFAULT_TEXT_ENCODER_TARGETS
 from ..config import UNET_TARGET_MODULES as DEFAULT_UNET_TARGETS
+from ..config import LilyConfig
 from .config_file import config_to_argv, load_config_file
 from .errors import TrainingError
 
 INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
+LILY_DEFAULTS = LilyConfig()
+VAE_SCALE_FACTOR = 8  # SDXL's VAE downsamples by 8: image sides must be multiples of it
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+# argparse takes only `-1` and `-1.5` for negative numbers; `-1e-4`, `-inf` and `-nan` would read as unknown
+# options ("expected one argument"). With this pattern they are values, so the range checks below can speak.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+# A module name is made of these characters; a target with any other character can only be a regex.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a single line (no usage dump of 100 flags)."""
+    """An ArgumentParser whose errors are a single line (no usage dump of 100 flags) and that reads every
+    negative number (`-1e-4` too) as a value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Prints each flag's default after its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or "required" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        default = action.default
+        if isinstance(default, list | tuple):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
 def str2bool(value: str) -> bool:
@@ -122,37 +152,40 @@ def _add_prior_args(p: argparse.ArgumentParser) -> None:
 def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
     g.add_argument("--adapter", type=str.lower, default="lily", choices=["lily", "lora"], help="Adapter to train.")
-    g.add_argument("--lily_r", type=int, default=None, help="Lily rank r (default: LilyConfig's).")
-    g.add_argument("--lily_stride_A", type=int, default=None, help="Consecutive layers sharing one A.")
-    g.add_argument("--lily_num_B", type=int, default=None, help="Experts in each group's B pool.")
-    g.add_argument("--lily_scaling", type=float, default=None, help="Scale of the Lily update.")
+    g.add_argument("--lily_r", type=int, default=LILY_DEFAULTS.r, help="Lily rank r.")
+    g.add_argument(
+        "--lily_stride_A", type=int, default=LILY_DEFAULTS.stride_A, help="Consecutive layers sharing one A."
+    )
+    g.add_argument("--lily_num_B", type=int, default=LILY_DEFAULTS.num_B, help="Experts in each group's B pool.")
+    g.add_argument("--lily_scaling", type=float, default=LILY_DEFAULTS.scaling, help="Scale of the Lily update.")
     g.add_argument(
         "--lily_routing",
         type=str,
-        default=None,
+        default=LILY_DEFAULTS.routing,
         choices=["sample", "batch"],
-        help="'sample' (default) routes each sample alone; 'batch' averages over the batch like peft.",
+        help="'sample' routes each sample alone; 'batch' averages over the batch like peft.",
     )
     g.add_argument(
         "--target_modules",
         type=str,
         nargs="+",
-        default=None,
-        help=f"UNet module-name suffixes to adapt (default: {' '.join(DEFAULT_UNET_TARGETS)}).",
+        default=list(DEFAULT_UNET_TARGETS),
+        help="UNet layers to adapt: module-name suffixes (letters, digits, '_' and '.'), or one regex matched "
+        "against the full module name (a single value with any other character, e.g. '.*attn1\\.to_(q|v)').",
     )
     g.add_argument(
         "--text_encoder_target_modules",
         type=str,
         nargs="+",
-        default=None,
-        help=f"Text encoder suffixes (default: {' '.join(DEFAULT_TEXT_ENCODER_TARGETS)}).",
+        default=list(DEFAULT_TEXT_ENCODER_TARGETS),
+        help="Text encoder layers to adapt with --train_text_encoder: suffixes or one regex, as --target_modules.",
     )
     g.add_argument(
         "--match_lora_budget",
         type=int,
         default=None,
         metavar="RANK",
-        help="Pick the largest Lily r whose parameter count is not above LoRA at this rank.",
+        help="Pick the largest Lily r whose parameter count is not above LoRA at this rank (default: off).",
     )
     g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: --rank).")
@@ -173,28 +206,50 @@ def _add_optim_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Scale the learning rates by processes x accumulation steps x batch size.",
     )
-    g.add_argument("--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType])
+    g.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=[t.value for t in SchedulerType],
+        help="Learning-rate schedule (diffusers' get_scheduler).",
+    )
     g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the scheduler.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
-    g.add_argument("--optimizer", type=str.lower, default="adamw", choices=["adamw", "prodigy"])
+    g.add_argument("--optimizer", type=str.lower, default="adamw", choices=["adamw", "prodigy"], help="Optimizer.")
     g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="beta1 of AdamW and Prodigy.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="beta2 of AdamW and Prodigy.")
     g.add_argument("--prodigy_beta3", type=float, default=None, help="Prodigy beta3 (default sqrt(beta2)).")
-    g.add_argument("--prodigy_decouple", type=str2bool, nargs="?", const=True, default=True)
-    g.add_argument("--prodigy_use_bias_correction", type=str2bool, nargs="?", const=True, default=True)
-    g.add_argument("--prodigy_safeguard_warmup", type=str2bool, nargs="?", const=True, default=True)
+    g.add_argument(
+        "--prodigy_decouple", type=str2bool, nargs="?", const=True, default=True, help="Prodigy: AdamW-style decay."
+    )
+    g.add_argument(
+        "--prodigy_use_bias_correction",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="Prodigy: Adam's bias correction.",
+    )
+    g.add_argument(
+        "--prodigy_safeguard_warmup",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="Prodigy: remove the learning rate from the denominator of D during warmup.",
+    )
     g.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay of the UNet adapter.")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3, help="Weight decay, text encoders.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="epsilon of AdamW and Prodigy.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
     g.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel noise offset.")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process.")
-    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (unless --max_train_steps is given).")
     g.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides epochs).")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer update.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     g.add_argument(
         "--mixed_precision",
@@ -204,7 +259,9 @@ def _add_optim_args(p: argparse.ArgumentParser) -> None:
         help="Precision of the frozen weights (VAE and trainable parameters stay fp32).",
     )
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention in the UNet."
+    )
     g.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
     g.add_argument("--cache_latents", action="store_true", help="Encode the images with the VAE once.")
     g.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
@@ -212,7 +269,9 @@ def _add_optim_args(p: argparse.ArgumentParser) -> None:
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints, validation, logging")
-    g.add_argument("--output_dir", type=str, default="lily-dreambooth-model")
+    g.add_argument(
+        "--output_dir", type=str, default="lily-dreambooth-model", help="Folder of the weights and checkpoints."
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument(
@@ -222,16 +281,23 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
         help="A checkpoint-N folder, or 'latest' for the newest one in --output_dir.",
     )
     g.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
-    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
     g.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps.")
-    g.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
+    g.add_argument(
+        "--validation_epochs", type=int, default=50, help="Validate every N epochs (unless --validation_steps)."
+    )
     g.add_argument("--validation_seed", type=int, default=None, help="Seed of the validation images (default --seed).")
     g.add_argument("--num_validation_inference_steps", type=int, default=25, help="Denoising steps for validation.")
     g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
     g.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
-    g.add_argument("--hub_token", type=str, default=None)
-    g.add_argument("--hub_model_id", type=str, default=None)
+    g.add_argument("--hub_token", type=str, default=None, help="Hub token for --push_to_hub (never saved).")
+    g.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="Hub repository for --push_to_hub (default: --output_dir's name).",
+    )
     g.add_argument("--do_edm_style_training", action="store_true", help="Not supported; accepted for a clear error.")
     g.add_argument(
         "--config_file",
@@ -246,6 +312,7 @@ def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_dreambooth_lily.py",
         description="DreamBooth for SDXL with Lily (or LoRA) adapters, under accelerate.",
+        formatter_class=DefaultsHelpFormatter,
     )
     for add in (
         _add_model_args,
@@ -261,6 +328,13 @@ def build_parser() -> OneLineArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Cross-flag checks argparse cannot express; raises TrainingError with a one-line message."""
+    _check_required(args)
+    _check_counts(args)
+    _check_numbers(args)
+    _check_choices(args)
+
+
+def _check_required(args: argparse.Namespace) -> None:
     if not args.pretrained_model_name_or_path:
         raise TrainingError("--pretrained_model_name_or_path is required")
     if args.instance_data_dir is None and args.dataset_name is None:
@@ -274,8 +348,23 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingError("--with_prior_preservation needs --class_data_dir")
         if not args.class_prompt:
             raise TrainingError("--with_prior_preservation needs --class_prompt")
+        if args.num_class_images < 1:
+            raise TrainingError(
+                f"--with_prior_preservation needs --num_class_images of at least 1, got {args.num_class_images}"
+            )
+        if args.instance_data_dir is not None and _same_path(args.class_data_dir, args.instance_data_dir):
+            raise TrainingError(
+                "--class_data_dir must not be --instance_data_dir (class images would become instance images)"
+            )
     if args.do_edm_style_training:
         raise TrainingError("--do_edm_style_training is not supported by this script")
+
+
+def _same_path(first: str, second: str) -> bool:
+    return os.path.realpath(first) == os.path.realpath(second)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
     positive = (
         "resolution",
         "train_batch_size",
@@ -287,6 +376,8 @@ def check_args(args: argparse.Namespace) -> None:
         "num_validation_images",
         "validation_epochs",
         "num_validation_inference_steps",
+        "lr_num_cycles",
+        "rank",
     )
     positive_or_none = (
         "max_train_steps",
@@ -296,6 +387,7 @@ def check_args(args: argparse.Namespace) -> None:
         "lily_stride_A",
         "lily_num_B",
         "match_lora_budget",
+        "lora_alpha",
     )
     for name in positive:
         if getattr(args, name) < 1:
@@ -304,29 +396,153 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise TrainingError(f"--{name} must be at least 1, got {value}")
-    if args.rank < 1:
-        raise TrainingError(f"--rank must be at least 1, got {args.rank}")
-    if args.num_class_images < 0 or args.dataloader_num_workers < 0:
-        raise TrainingError("--num_class_images and --dataloader_num_workers cannot be negative")
-    if args.lily_scaling is not None and not math.isfinite(args.lily_scaling):
-        raise TrainingError(f"--lily_scaling must be a finite number, got {args.lily_scaling}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise TrainingError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    for name in ("num_class_images", "dataloader_num_workers", "lr_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise TrainingError(f"--{name} cannot be negative, got {getattr(args, name)}")
+    if args.resolution % VAE_SCALE_FACTOR:
+        raise TrainingError(
+            f"--resolution must be a multiple of {VAE_SCALE_FACTOR} (SDXL's VAE downsamples by "
+            f"{VAE_SCALE_FACTOR}), got {args.resolution}"
+        )
+    for name in ("seed", "validation_seed"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise TrainingError(f"--{name} must be between 0 and {MAX_SEED}, got {value}")
+
+
+def _check_float(name: str, value: float | None, low: float | None = None, what: str = "number") -> None:
+    """`value` must be finite, representable in float32 (the parameters' precision), and at least `low`."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise TrainingError(f"--{name} must be a finite {what}, got {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise TrainingError(
+            f"--{name} {value:g} is too large: the trained parameters are float32, whose largest value is "
+            f"{FLOAT32_MAX:.4g}"
+        )
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    non_negative = (
+        "learning_rate",
+        "text_encoder_lr",
+        "noise_offset",
+        "prior_loss_weight",
+        "max_grad_norm",
+        "adam_weight_decay",
+        "adam_weight_decay_text_encoder",
+        "adam_epsilon",
+        "lr_power",
+    )
+    for name in non_negative:
+        _check_float(name, getattr(args, name), 0.0, "non-negative number")
+    _check_float("lily_scaling", args.lily_scaling)
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
+        raise TrainingError(f"--snr_gamma must be a finite positive number, got {args.snr_gamma}")
+    for name in ("adam_beta1", "adam_beta2", "prodigy_beta3", "lora_dropout"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise TrainingError(f"--{name} must be in [0, 1), got {value}")
+
+
+def _check_choices(args: argparse.Namespace) -> None:
     if args.adapter != "lora" and (args.use_dora or args.output_kohya_format):
         raise TrainingError("--use_dora and --output_kohya_format need --adapter lora")
     if args.adapter != "lily" and args.match_lora_budget is not None:
         raise TrainingError("--match_lora_budget needs --adapter lily")
-    for name in ("learning_rate", "text_encoder_lr", "noise_offset", "prior_loss_weight", "max_grad_norm"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise TrainingError(f"--{name} must be a finite non-negative number, got {value}")
+    if args.lr_scheduler == "piecewise_constant":
+        raise TrainingError("--lr_scheduler piecewise_constant needs step rules, which this script does not take")
+
+
+def module_targets(values: Sequence[str], flag: str) -> list[str] | str:
+    """Targets from the command line: module-name suffixes, or one regex matched against full module names.
+
+    A value made only of letters, digits, `_` and `.` is a suffix (`to_out.0`); a single value with any other
+    character (`.*attn1\\.to_(q|v)`) is a regex, since no module name could contain it."""
+    values = list(values)
+    patterns = [v for v in values if not MODULE_NAME.fullmatch(v)]
+    if not patterns:
+        return values
+    if len(values) > 1:
+        raise TrainingError(
+            f"{flag}: {patterns[0]!r} is a regex, which must be the only value (suffixes are made of letters, "
+            "digits, '_' and '.')"
+        )
+    try:
+        re.compile(values[0])
+    except re.error as err:
+        raise TrainingError(f"{flag} {values[0]!r} is not a valid regex: {err}") from err
+    return values[0]
+
+
+def ignored_flags(args: argparse.Namespace) -> list[str]:
+    """One warning for each flag set to a non-default value that this run will not use."""
+    defaults = {action.dest: action.default for action in build_parser()._actions}
+    scheduler = args.lr_scheduler
+    rules: tuple[tuple[bool, tuple[str, ...], str], ...] = (
+        (
+            not args.validation_prompt,
+            (
+                "validation_steps",
+                "validation_epochs",
+                "num_validation_images",
+                "validation_seed",
+                "num_validation_inference_steps",
+            ),
+            "without --validation_prompt",
+        ),
+        (args.validation_steps is not None, ("validation_epochs",), "with --validation_steps"),
+        (
+            not args.with_prior_preservation,
+            (
+                "class_data_dir",
+                "class_prompt",
+                "num_class_images",
+                "prior_loss_weight",
+                "sample_batch_size",
+                "prior_generation_precision",
+            ),
+            "without --with_prior_preservation",
+        ),
+        (
+            not args.train_text_encoder,
+            ("text_encoder_lr", "adam_weight_decay_text_encoder", "text_encoder_target_modules"),
+            "without --train_text_encoder",
+        ),
+        (args.optimizer == "prodigy", ("text_encoder_lr",), "with --optimizer prodigy (one rate for all groups)"),
+        (
+            args.adapter != "lily",
+            ("lily_r", "lily_stride_A", "lily_num_B", "lily_scaling", "lily_routing"),
+            "with --adapter lora",
+        ),
+        (args.adapter != "lora", ("rank", "lora_alpha", "lora_dropout"), "with --adapter lily"),
+        (args.match_lora_budget is not None, ("lily_r",), "with --match_lora_budget (it picks r)"),
+        (
+            args.optimizer != "prodigy",
+            ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"),
+            "without --optimizer prodigy",
+        ),
+        (scheduler == "constant", ("lr_warmup_steps",), "with --lr_scheduler constant (use constant_with_warmup)"),
+        (scheduler != "cosine_with_restarts", ("lr_num_cycles",), "without --lr_scheduler cosine_with_restarts"),
+        (scheduler != "polynomial", ("lr_power",), "without --lr_scheduler polynomial"),
+        (args.dataset_name is None, ("dataset_config_name", "cache_dir", "image_column"), "without --dataset_name"),
+        (not args.push_to_hub, ("hub_token", "hub_model_id"), "without --push_to_hub"),
+        (args.report_to in ("none", ""), ("logging_dir",), "with --report_to none"),
+        (args.max_train_steps is not None, ("num_train_epochs",), "with --max_train_steps"),
+    )
+    warnings = []
+    for unused, names, reason in rules:
+        if unused:
+            warnings += [f"--{name} is ignored {reason}" for name in names if getattr(args, name) != defaults[name]]
+    return warnings
 
 
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags (and `--config_file`); on any problem print one line and exit with status 2."""
     parser = build_parser()
     argv = list(input_args) if input_args is not None else None
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineArgumentParser(add_help=False)
     pre.add_argument("--config_file", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     config_argv: list[str] = []
@@ -341,6 +557,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     try:
+        args.target_modules = module_targets(args.target_modules, "--target_modules")
+        args.text_encoder_target_modules = module_targets(
+            args.text_encoder_target_modules, "--text_encoder_target_modules"
+        )
         check_args(args)
     except TrainingError as err:
         parser.error(str(err))

@@ -11,8 +11,9 @@ from accelerate.logging import get_logger
 from diffusers import StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
-from .data import list_image_files
+from .data import list_image_files, os_reason
 from .errors import TrainingError
+from .paths import check_writable_folder
 from .seeding import derive_seed
 
 logger = get_logger(__name__)
@@ -25,6 +26,21 @@ def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype
     if precision is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     return PRECISIONS[precision]
+
+
+def count_class_images(class_dir: str | Path) -> int:
+    """How many image files `class_dir` holds (0 if it does not exist); a TrainingError if it cannot be read."""
+    folder = Path(class_dir)
+    try:
+        return len(list_image_files(folder)) if folder.is_dir() else 0
+    except OSError as err:
+        raise TrainingError(f"--class_data_dir {folder} cannot be read ({os_reason(err)})") from err
+
+
+def check_class_data_dir(class_dir: str | Path, num_class_images: int) -> None:
+    """Before any work: `class_dir` must be readable and, if images are missing, a folder we can write into."""
+    if count_class_images(class_dir) < num_class_images:
+        check_writable_folder(class_dir, "--class_data_dir")
 
 
 def ensure_class_images(
@@ -42,8 +58,12 @@ def ensure_class_images(
 ) -> int:
     """Make `class_dir` hold at least `num_class_images` images; returns how many were generated."""
     folder = Path(class_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    existing = len(list_image_files(folder))
+    check_class_data_dir(folder, num_class_images)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"--class_data_dir {folder} cannot be created ({os_reason(err)})") from err
+    existing = count_class_images(folder)
     accelerator.wait_for_everyone()  # every process counted before anyone writes
     missing = num_class_images - existing
     if missing <= 0:

@@ -20,6 +20,38 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torc
     ).input_ids
 
 
+def truncated_part(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str | None:
+    """The text `tokenize` drops from `prompt` (tokens past the tokenizer's max length), or None if it fits.
+
+    Sliced as StableDiffusionXLPipeline.encode_prompt does for its warning (the end-of-text token is kept)."""
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return None
+    return tokenizer.decode(ids[limit - 1 : -1])
+
+
+def truncation_warnings(tokenizers: Sequence[PreTrainedTokenizerBase], prompts: dict[str, Sequence[str]]) -> list[str]:
+    """One warning per label (e.g. '--instance_prompt', 'captions') whose prompts are longer than a tokenizer's
+    max length: the text encoders see only the start, as in diffusers."""
+    warnings = []
+    for label, texts in prompts.items():
+        for tokenizer in tokenizers:
+            cut = [(text, part) for text in dict.fromkeys(texts) if (part := truncated_part(tokenizer, text))]
+            if not cut:
+                continue
+            limit = tokenizer.model_max_length
+            text, part = cut[0]
+            what = f"{label} is" if len(cut) == 1 else f"{len(cut)} {label} are"
+            example = "" if len(cut) == 1 else f" (first: {text[:60]!r}...)"
+            warnings.append(
+                f"{what} longer than the {limit} tokens the text encoders take and truncated{example}; "
+                f"this part is ignored: {part!r}"
+            )
+            break
+    return warnings
+
+
 def encode_prompts(
     text_encoders: Sequence[nn.Module],
     tokenizers: Sequence[PreTrainedTokenizerBase],

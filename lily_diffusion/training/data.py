@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import BinaryIO, TypedDict
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ RESAMPLING = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+# The square crop of a longer image shows less than 1/16 of it; past that, the resized image only costs memory.
+MAX_ASPECT_RATIO = 16
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,53 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open an image file fully, apply its EXIF orientation and return 8-bit RGB."""
-    with Image.open(path) as image:
+def os_reason(err: OSError) -> str:
+    """The short reason of an OS error ('Permission denied'), without the path it repeats."""
+    return err.strerror or str(err) or type(err).__name__
+
+
+def check_image_size(name: str, size: tuple[int, int], resolution: int | None = None) -> None:
+    """Refuse (TrainingError naming `name`) an image whose header `size` (width, height) is absurd: more pixels
+    than PIL's decompression-bomb limit, an aspect ratio above MAX_ASPECT_RATIO, or, resized so that its
+    short side is `resolution`, more pixels than that limit."""
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise TrainingError(
+            f"{name} has {width}x{height} = {width * height:,} pixels, more than PIL's decompression-bomb limit "
+            f"of {limit:,} (Image.MAX_IMAGE_PIXELS); downscale it"
+        )
+    short, long = sorted((width, height))
+    if short < 1:
+        raise TrainingError(f"{name} has no pixels ({width}x{height})")
+    if long > MAX_ASPECT_RATIO * short:
+        raise TrainingError(
+            f"{name} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times as long as it is wide; crop it"
+        )
+    if resolution is not None and limit is not None:
+        resized_long = max(resolution, int(long * resolution / short + 0.5))
+        if resized_long * resolution > limit:
+            raise TrainingError(
+                f"{name} ({width}x{height}) resized to --resolution {resolution} would have "
+                f"{resized_long * resolution:,} pixels, more than PIL's decompression-bomb limit of {limit:,}"
+            )
+
+
+def open_rgb(source: Path | BinaryIO, resolution: int | None = None, name: str | None = None) -> Image.Image:
+    """Open an image, check its size from the header before decoding (`check_image_size`), decode it, apply its
+    EXIF orientation and return 8-bit RGB. `name` (default: the path) names the image in errors."""
+    label = name or str(source)
+    try:
+        with warnings.catch_warnings():  # the size check below speaks for PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source)
+    except Image.DecompressionBombError as err:
+        raise TrainingError(
+            f"{label} has more than twice PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            "(Image.MAX_IMAGE_PIXELS); downscale it"
+        ) from err
+    with opened as image:
+        check_image_size(label, image.size, resolution)
         image.load()
         upright = ImageOps.exif_transpose(image)
         return to_rgb(upright)
@@ -98,28 +145,67 @@ def list_image_files(folder: Path) -> list[Path]:
     )
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (a leading BOM dropped); a TrainingError names the file, and the
+    line of any byte that is not UTF-8."""
+    try:
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise TrainingError(
+                        f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1}); save it as UTF-8"
+                    ) from err
+                yield number, line
+    except OSError as err:
+        raise TrainingError(f"{path} cannot be read ({os_reason(err)})") from err
+
+
+def json_type(value: object) -> str:
+    """How JSON calls the type of a decoded value (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
 def read_captions(folder: Path, caption_column: str | None) -> dict[str, str]:
-    """Captions by file name from `metadata.jsonl` (`file_name` + the caption column, default `text`)."""
+    """Captions by file name from `metadata.jsonl` (`file_name` + the caption column, default `text`);
+    anything but a string there is a TrainingError naming the line."""
     captions: dict[str, str] = {}
     metadata = folder / "metadata.jsonl"
     column = caption_column or "text"
-    if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrainingError(f"{metadata}, line {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(entry, dict) or "file_name" not in entry:
-                raise TrainingError(f"{metadata}, line {number}: needs a 'file_name' field")
-            if column not in entry:
-                if caption_column is not None:
-                    raise TrainingError(f"{metadata}, line {number}: no caption column {column!r}")
-                continue
-            captions[Path(str(entry["file_name"])).name] = str(entry[column]).strip()
-    elif caption_column is not None:
-        raise TrainingError(f"--caption_column {caption_column} given but {metadata} does not exist")
+    if not metadata.is_file():
+        if caption_column is not None:
+            raise TrainingError(f"--caption_column {caption_column} given but {metadata} does not exist")
+        return captions
+    for number, line in text_lines(metadata):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrainingError(f"{metadata}, line {number}: not valid JSON ({err.msg})") from err
+        if not isinstance(entry, dict) or "file_name" not in entry:
+            raise TrainingError(f"{metadata}, line {number}: needs a 'file_name' field")
+        if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+            raise TrainingError(
+                f"{metadata}, line {number}: 'file_name' must be a file name, got {json_type(entry['file_name'])}"
+            )
+        if column not in entry:
+            if caption_column is not None:
+                raise TrainingError(f"{metadata}, line {number}: no caption column {column!r}")
+            continue
+        if not isinstance(entry[column], str):
+            raise TrainingError(
+                f"{metadata}, line {number}: caption {column!r} must be a string, got {json_type(entry[column])}"
+            )
+        captions[Path(entry["file_name"]).name] = entry[column].strip()
     return captions
 
 
@@ -128,16 +214,20 @@ def sidecar_caption(image_path: Path) -> str | None:
     text_file = image_path.with_suffix(".txt")
     if not text_file.is_file():
         return None
-    return text_file.read_text(encoding="utf-8").strip() or None
+    return "".join(line for _, line in text_lines(text_file)).strip() or None
 
 
-def scan_images(folder: Path, what: str) -> tuple[list[tuple[Path, tuple[int, int]]], list[str]]:
-    """Readable images of `folder` with their upright (height, width), and the names of unreadable files."""
+def scan_images(
+    folder: Path, what: str, resolution: int | None = None
+) -> tuple[list[tuple[Path, tuple[int, int]]], list[str]]:
+    """Readable images of `folder` with their upright (height, width), and the names of unreadable files.
+
+    An image of absurd size (`check_image_size` at `resolution`) is a TrainingError, not a skipped file."""
     readable: list[tuple[Path, tuple[int, int]]] = []
     skipped: list[str] = []
     for path in list_image_files(folder):
         try:
-            image = open_rgb(path)
+            image = open_rgb(path, resolution)
         except UNREADABLE as err:
             skipped.append(path.name)
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -148,22 +238,29 @@ def scan_images(folder: Path, what: str) -> tuple[list[tuple[Path, tuple[int, in
 
 
 def check_folder(folder: str | Path, flag: str) -> Path:
-    """The folder as a Path, or a TrainingError if it is missing, not a folder, or empty."""
+    """The folder as a Path, or a TrainingError if it is missing, not a folder, unreadable, or empty."""
     path = Path(folder)
-    if not path.exists():
-        raise TrainingError(f"{flag} {path} does not exist")
-    if not path.is_dir():
-        raise TrainingError(f"{flag} {path} is not a folder")
-    if not any(path.iterdir()):
-        raise TrainingError(f"{flag} {path} is empty")
+    try:
+        if not path.exists():
+            raise TrainingError(f"{flag} {path} does not exist")
+        if not path.is_dir():
+            raise TrainingError(f"{flag} {path} is not a folder")
+        if not any(path.iterdir()):
+            raise TrainingError(f"{flag} {path} is empty")
+        list_image_files(path)  # each entry can be looked at
+    except OSError as err:
+        raise TrainingError(f"{flag} {path} cannot be read ({os_reason(err)})") from err
     return path
 
 
-def load_instance_records(folder: str | Path, instance_prompt: str, caption_column: str | None) -> list[ImageRecord]:
-    """Instance images with their captions (falling back to `instance_prompt`); errors if none is readable."""
+def load_instance_records(
+    folder: str | Path, instance_prompt: str, caption_column: str | None, resolution: int | None = None
+) -> list[ImageRecord]:
+    """Instance images with their captions (falling back to `instance_prompt`); errors if none is readable,
+    or if one has an absurd size at `resolution`."""
     path = check_folder(folder, "--instance_data_dir")
     captions = read_captions(path, caption_column)
-    readable, skipped = scan_images(path, "instance")
+    readable, skipped = scan_images(path, "instance", resolution)
     if not readable:
         detail = f" ({len(skipped)} unreadable: {', '.join(skipped[:5])})" if skipped else ""
         raise TrainingError(f"--instance_data_dir {path} has no readable images{detail}")
@@ -177,9 +274,11 @@ def load_instance_records(folder: str | Path, instance_prompt: str, caption_colu
     return records
 
 
-def load_class_records(folder: str | Path, class_prompt: str, limit: int) -> list[ImageRecord]:
+def load_class_records(
+    folder: str | Path, class_prompt: str, limit: int, resolution: int | None = None
+) -> list[ImageRecord]:
     """The first `limit` readable class images, all with `class_prompt`."""
-    readable, _ = scan_images(Path(folder), "class")
+    readable, _ = scan_images(check_folder(folder, "--class_data_dir"), "class", resolution)
     if not readable:
         raise TrainingError(f"--class_data_dir {folder} has no readable images")
     return [ImageRecord(p, size, class_prompt) for p, size in readable[:limit]]

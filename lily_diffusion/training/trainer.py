@@ -22,19 +22,22 @@ from .adapters import (
     AdaptedModels,
     TrainableAdapters,
     add_adapters,
+    lily_config_from_args,
     save_adapter_weights,
     weight_name_for,
     write_kohya_copy,
 )
+from .args import ignored_flags
 from .checkpointing import TrainState, register_adapter_hooks, resolve_resume_checkpoint
-from .class_images import ensure_class_images
-from .conditioning import PromptCache
+from .class_images import check_class_data_dir, ensure_class_images
+from .conditioning import PromptCache, truncation_warnings
 from .data import DreamBoothDataset, EpochShuffleSampler, collate_examples, load_class_records, load_instance_records
 from .errors import TrainingError
 from .hub_dataset import load_dataset_records
 from .loop import LoopContext, steps_per_epoch, train
 from .models import SDXLComponents, load_components, load_inference_scheduler
 from .optim import build_lr_scheduler, build_optimizer, parameter_groups, scale_learning_rates
+from .paths import check_writable_folder
 from .validation import final_validation, make_validator
 
 logger = get_logger(__name__)
@@ -82,6 +85,30 @@ def shared_seed(accelerator: Accelerator, seed: int | None) -> int:
         logger.info(f"no --seed given; using {seed}")
     set_seed(seed)
     return seed
+
+
+def check_before_work(args: argparse.Namespace) -> None:
+    """Warn about flags this run ignores; refuse invalid Lily values and an output or class folder that cannot
+    be written (all cheap, before any image or model is read)."""
+    for message in ignored_flags(args):
+        logger.warning(message)
+    if args.adapter == "lily":
+        lily_config_from_args(args, args.target_modules)
+    check_writable_folder(args.output_dir, "--output_dir")
+    if args.with_prior_preservation:
+        check_class_data_dir(args.class_data_dir, args.num_class_images)
+
+
+def warn_truncated_prompts(args: argparse.Namespace, components: SDXLComponents, dataset: DreamBoothDataset) -> None:
+    """Warn once per prompt flag (and once for the captions) that the tokenizers cut short."""
+    captions = [r.prompt for r in dataset.instance_records if r.prompt != args.instance_prompt]
+    prompts = {"--instance_prompt": [args.instance_prompt], "captions": captions}
+    if args.with_prior_preservation:
+        prompts["--class_prompt"] = [args.class_prompt]
+    if args.validation_prompt:
+        prompts["--validation_prompt"] = [args.validation_prompt]
+    for message in truncation_warnings([components.tokenizer_one, components.tokenizer_two], prompts):
+        logger.warning(message)
 
 
 def write_training_args(args: argparse.Namespace) -> None:
@@ -137,9 +164,12 @@ def build_dataset(args: argparse.Namespace, accelerator: Accelerator, seed: int)
             args.image_column,
             args.caption_column,
             args.instance_prompt,
+            args.resolution,
         )
     else:
-        instance = load_instance_records(args.instance_data_dir, args.instance_prompt, args.caption_column)
+        instance = load_instance_records(
+            args.instance_data_dir, args.instance_prompt, args.caption_column, args.resolution
+        )
     class_records = None
     if args.with_prior_preservation:
         ensure_class_images(
@@ -155,7 +185,9 @@ def build_dataset(args: argparse.Namespace, accelerator: Accelerator, seed: int)
             args.resolution,
             seed,
         )
-        class_records = load_class_records(args.class_data_dir, args.class_prompt, args.num_class_images)
+        class_records = load_class_records(
+            args.class_data_dir, args.class_prompt, args.num_class_images, args.resolution
+        )
     return DreamBoothDataset(
         instance,
         class_records,
@@ -254,6 +286,7 @@ def run_training(args: argparse.Namespace) -> Path:
     """Train and write output_dir/<adapter weights>; returns the path of the weight file."""
     accelerator = make_accelerator(args)
     configure_logging(accelerator)
+    check_before_work(args)
     seed = shared_seed(accelerator, args.seed)
     resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     dataset = build_dataset(args, accelerator, seed)
@@ -261,6 +294,7 @@ def run_training(args: argparse.Namespace) -> Path:
         args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant
     )
     inference_scheduler = load_inference_scheduler(args.pretrained_model_name_or_path, args.revision)
+    warn_truncated_prompts(args, components, dataset)
     adapted, trainable, weight_dtype = prepare_models(args, components, accelerator)
     if args.scale_lr:
         scale_learning_rates(args, accelerator.num_processes)

@@ -98,7 +98,11 @@ def run_cli(hf_home: Path) -> CliRunner:
     """Run the training script as a user would: `accelerate launch` (CPU) or plain `python`."""
 
     def run(
-        args: Sequence[str], num_processes: int = 1, launcher: str = "accelerate", timeout: int = 300
+        args: Sequence[str],
+        num_processes: int = 1,
+        launcher: str = "accelerate",
+        timeout: int = 300,
+        prefix: Sequence[str] = (),
     ) -> subprocess.CompletedProcess:
         env = dict(os.environ)
         env.update(
@@ -119,7 +123,7 @@ def run_cli(hf_home: Path) -> CliRunner:
                 command += ["--multi_gpu", "--main_process_port", "0"]
                 env["ACCELERATE_USE_CPU"] = "true"
             command += [str(SCRIPT)]
-        command += [str(a) for a in args]
+        command = [*prefix, *command, *(str(a) for a in args)]  # prefix: e.g. prlimit or setpriv
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lily_diffusion.config import LilyConfig
 from lily_diffusion.training.args import build_parser, parse_args
 
 REQUIRED = ["--pretrained_model_name_or_path", "model", "--instance_data_dir", "data", "--instance_prompt", "sks"]
@@ -16,7 +17,13 @@ def test_defaults_match_the_diffusers_script():
     assert (args.lr_scheduler, args.lr_warmup_steps, args.checkpointing_steps) == ("constant", 500, 500)
     assert (args.optimizer, args.adam_weight_decay, args.text_encoder_lr) == ("adamw", 1e-4, 5e-6)
     assert args.report_to == "tensorboard" and args.mixed_precision is None
-    assert args.lily_r is None  # LilyConfig's defaults apply
+    defaults = LilyConfig()  # the Lily flags default to LilyConfig's own values, so --help can show them
+    assert (args.lily_r, args.lily_stride_A, args.lily_num_B) == (defaults.r, defaults.stride_A, defaults.num_B)
+    assert (args.lily_scaling, args.lily_routing, args.target_modules) == (
+        1.0,
+        "sample",
+        list(defaults.target_modules),
+    )
 
 
 def test_every_diffusers_flag_is_accepted():
