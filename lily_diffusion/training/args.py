@@ -213,6 +213,12 @@ def _add_optim_args(p: argparse.ArgumentParser) -> None:
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints, validation, logging")
     g.add_argument("--output_dir", type=str, default="lily-dreambooth-model")
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start over in an --output_dir that holds another run: its weights, checkpoints, validation images "
+        "and logs are removed first (without this flag such a folder is refused).",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument(
@@ -320,6 +326,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             raise TrainingError(f"--{name} must be a finite non-negative number, got {value}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise TrainingError("give --overwrite_output_dir (start over) or --resume_from_checkpoint (go on), not both")
 
 
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
