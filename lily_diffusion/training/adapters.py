@@ -8,6 +8,10 @@ Lily: `add_lily` on the UNet (and both text encoders with --train_text_encoder),
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,8 @@ logger = get_logger(__name__)
 
 LILY_WEIGHT_NAME = WEIGHTS_NAME
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+ALL_WEIGHT_NAMES = (LILY_WEIGHT_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
 ADAPTER_NAME = "default"
 
 
@@ -165,6 +171,18 @@ def save_adapter_weights(kind: str, directory: str | Path, models: AdaptedModels
                 adapter_name=ADAPTER_NAME,
             )
         )
+    # diffusers writes in place: write into a temporary folder beside it, then rename, so that a failed or
+    # interrupted save never leaves half a file under the final name
+    staging = Path(tempfile.mkdtemp(prefix=".lora-weights-", dir=directory))
+    try:
+        _save_lora_weights(staging, models)
+        os.replace(staging / LORA_WEIGHT_NAME, directory / LORA_WEIGHT_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory / LORA_WEIGHT_NAME
+
+
+def _save_lora_weights(directory: Path, models: AdaptedModels) -> None:
     layers = {
         name: convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
         for name, model in models.components().items()
@@ -179,7 +197,23 @@ def save_adapter_weights(kind: str, directory: str | Path, models: AdaptedModels
         text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
         text_encoder_2_lora_adapter_metadata=metadata.get("text_encoder_2"),
     )
-    return directory / LORA_WEIGHT_NAME
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity (one device synchronisation for all of them)."""
+    flags = [torch.isfinite(tensor).all() for tensor in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def tensor_bytes(tensors: Iterable[object]) -> int:
+    """Bytes of the tensors' data (other objects count 0): about what they take in a file."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def training_state_bytes(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """About what a checkpoint takes on disk: the trainable weights plus the optimizer's state tensors."""
+    state = optimizer.state_dict()["state"]
+    return tensor_bytes([*parameters, *(value for entry in state.values() for value in entry.values())])
 
 
 def _copy_lily_weights_in_place(directory: Path, models: AdaptedModels) -> None:
@@ -233,9 +267,14 @@ def load_adapter_into_pipeline(kind: str, pipeline: StableDiffusionXLPipeline, d
 
 
 def write_kohya_copy(directory: str | Path) -> Path:
-    """`pytorch_lora_weights_kohya.safetensors` beside the diffusers-format LoRA file."""
+    """`pytorch_lora_weights_kohya.safetensors` beside the diffusers-format LoRA file (written, then renamed)."""
     directory = Path(directory)
     peft_state = convert_all_state_dict_to_peft(load_file(str(directory / LORA_WEIGHT_NAME)))
-    target = directory / "pytorch_lora_weights_kohya.safetensors"
-    save_file(convert_state_dict_to_kohya(peft_state), str(target))
+    target = directory / KOHYA_WEIGHT_NAME
+    staging = target.with_name(f".{target.name}.partial")
+    try:
+        save_file(convert_state_dict_to_kohya(peft_state), str(staging))
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
     return target

@@ -272,6 +272,12 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--output_dir", type=str, default="lily-dreambooth-model", help="Folder of the weights and checkpoints."
     )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start over in an --output_dir that holds another run: its weights, checkpoints, validation images "
+        "and logs are removed first (without this flag such a folder is refused).",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument(
@@ -453,6 +459,8 @@ def _check_choices(args: argparse.Namespace) -> None:
         raise TrainingError("--match_lora_budget needs --adapter lily")
     if args.lr_scheduler == "piecewise_constant":
         raise TrainingError("--lr_scheduler piecewise_constant needs step rules, which this script does not take")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise TrainingError("give --overwrite_output_dir (start over) or --resume_from_checkpoint (go on), not both")
 
 
 def module_targets(values: Sequence[str], flag: str) -> list[str] | str:

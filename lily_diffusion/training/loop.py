@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adapters import all_finite, training_state_bytes
 from .checkpointing import TrainState, save_checkpoint
 from .conditioning import PromptCache, compute_time_ids, encode_prompts
 from .data import Batch, EpochShuffleSampler
@@ -97,22 +98,47 @@ def training_loss(ctx: LoopContext, batch: Batch, generator: torch.Generator) ->
     return diffusion_loss(model_pred, target, timesteps, scheduler, args.snr_gamma, prior_weight)
 
 
+def _stopped(state: TrainState) -> str:
+    """The end of every 'training stopped' message: which checkpoint is still good."""
+    last = state.last_checkpoint
+    where = f"the last checkpoint with finite weights is {last}" if last is not None else "no checkpoint was saved"
+    return f"training stopped; {where}"
+
+
 def _check_finite(ctx: LoopContext, parts: LossParts) -> float:
     """Mean loss over processes; every process raises together if any loss is NaN or infinite."""
     gathered = ctx.accelerator.gather(parts.loss.detach().float().reshape(1))
     if not bool(torch.isfinite(gathered).all()):
-        last = ctx.state.last_checkpoint
-        where = f"the last checkpoint, {last}, is intact" if last is not None else "no checkpoint was saved"
         raise TrainingError(
-            f"non-finite loss ({gathered.tolist()}) at step {ctx.state.global_step + 1}: training stopped; {where}"
+            f"non-finite loss ({gathered.tolist()}) at step {ctx.state.global_step + 1}: {_stopped(ctx.state)}"
         )
     return float(gathered.mean())
+
+
+def _check_weights_finite(ctx: LoopContext) -> None:
+    """After an update: every process raises together if any trainable weight became NaN or infinite."""
+    finite = torch.tensor([int(all_finite(ctx.trainable_parameters))], device=ctx.accelerator.device)
+    if not bool(ctx.accelerator.gather(finite).all()):
+        lr = ctx.lr_scheduler.get_last_lr()[0]
+        raise TrainingError(
+            f"step {ctx.state.global_step} (learning rate {lr:g}) made the adapter weights non-finite; "
+            f"{_stopped(ctx.state)}"
+        )
 
 
 def _optimizer_step(ctx: LoopContext) -> None:
     if ctx.accelerator.sync_gradients and ctx.args.max_grad_norm > 0:
         ctx.accelerator.clip_grad_norm_(ctx.trainable_parameters, ctx.args.max_grad_norm)
-    ctx.optimizer.step()
+    try:
+        ctx.optimizer.step()
+    except RuntimeError as err:  # torch refuses a step size beyond float32 ("... without overflow")
+        if "overflow" not in str(err):
+            raise
+        lr = ctx.lr_scheduler.get_last_lr()[0]
+        raise TrainingError(
+            f"step {ctx.state.global_step + 1}: the optimizer update overflows float32 (learning rate {lr:g} is too "
+            f"large); {_stopped(ctx.state)}"
+        ) from err
     ctx.lr_scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
 
@@ -126,8 +152,10 @@ def _after_update(ctx: LoopContext, progress: tqdm, losses: list[float]) -> None
     progress.update(1)
     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
     ctx.accelerator.log({"loss": loss_value, "lr": lr}, step=state.global_step)
+    _check_weights_finite(ctx)
     if state.global_step % args.checkpointing_steps == 0:
-        save_checkpoint(ctx.accelerator, args.output_dir, state, args.checkpoints_total_limit)
+        needed = training_state_bytes(ctx.trainable_parameters, ctx.optimizer)
+        save_checkpoint(ctx.accelerator, args.output_dir, state, args.checkpoints_total_limit, needed)
     if args.validation_prompt and args.validation_steps and state.global_step % args.validation_steps == 0:
         ctx.validate(state.global_step)
 

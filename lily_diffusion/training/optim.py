@@ -85,3 +85,38 @@ def build_lr_scheduler(
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+
+
+RESUMED_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def optimizer_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> list[dict[str, object]]:
+    """Per parameter group: the base learning rate (before the schedule) and the other settings the flags set."""
+    return [
+        {"lr": base, **{key: group[key] for key in RESUMED_SETTINGS if key in group}}
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True)
+    ]
+
+
+def restore_optimizer_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    wanted: list[dict[str, object]],
+) -> list[str]:
+    """After loading a checkpoint (which brings its own learning rates and settings), put this run's flags back;
+    returns 'lr 1e+06 -> 0.0001'-style changes (none when the flags are the checkpoint's: resume stays exact)."""
+    changes = []
+    loaded = optimizer_settings(optimizer, scheduler)
+    for index, (group, old, new) in enumerate(zip(optimizer.param_groups, loaded, wanted, strict=True)):
+        for key, value in new.items():
+            if old.get(key) == value:
+                continue
+            changes.append(f"{key} {old.get(key)} -> {value}")
+            if key == "lr":  # the schedule multiplies the base rate: rescale the current rate with it
+                group["lr"] = group["lr"] * value / old["lr"] if old["lr"] else value
+                group["initial_lr"] = scheduler.base_lrs[index] = value
+            else:
+                group[key] = value
+    return changes

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
+import pickle
 import random
 from pathlib import Path
 
@@ -16,19 +16,34 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import SchedulerMixin
+from safetensors import SafetensorError
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .adapters import (
+    KOHYA_WEIGHT_NAME,
     AdaptedModels,
     TrainableAdapters,
     add_adapters,
+    all_finite,
     lily_config_from_args,
     save_adapter_weights,
+    tensor_bytes,
     weight_name_for,
     write_kohya_copy,
 )
 from .args import ignored_flags
-from .checkpointing import TrainState, register_adapter_hooks, resolve_resume_checkpoint
+from .checkpointing import (
+    TrainState,
+    agree_on_failure,
+    attempt,
+    check_resume_step,
+    checkpoint_step,
+    register_adapter_hooks,
+    resolve_resume_checkpoint,
+    run_layout_changes,
+    write_failure_message,
+)
 from .class_images import check_class_data_dir, ensure_class_images
 from .conditioning import PromptCache, truncation_warnings
 from .data import DreamBoothDataset, EpochShuffleSampler, collate_examples, load_class_records, load_instance_records
@@ -36,7 +51,15 @@ from .errors import TrainingError
 from .hub_dataset import load_dataset_records
 from .loop import LoopContext, steps_per_epoch, train
 from .models import SDXLComponents, load_components, load_inference_scheduler
-from .optim import build_lr_scheduler, build_optimizer, parameter_groups, scale_learning_rates
+from .optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    optimizer_settings,
+    parameter_groups,
+    restore_optimizer_settings,
+    scale_learning_rates,
+)
+from .outputs import check_output_dir, clear_output_dir, push_to_hub, tracker_config, write_training_args
 from .paths import check_writable_folder
 from .validation import final_validation, make_validator
 
@@ -109,17 +132,6 @@ def warn_truncated_prompts(args: argparse.Namespace, components: SDXLComponents,
         prompts["--validation_prompt"] = [args.validation_prompt]
     for message in truncation_warnings([components.tokenizer_one, components.tokenizer_two], prompts):
         logger.warning(message)
-
-
-def write_training_args(args: argparse.Namespace) -> None:
-    """output_dir/training_args.json with every flag's final value."""
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(args.output_dir, "training_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
-
-
-def tracker_config(args: argparse.Namespace) -> dict[str, object]:
-    """Flags as TensorBoard hparams accept them (scalars and strings only)."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
 
 
 def prepare_models(
@@ -200,23 +212,6 @@ def build_dataset(args: argparse.Namespace, accelerator: Accelerator, seed: int)
     )
 
 
-def push_to_hub(args: argparse.Namespace) -> None:
-    """Upload output_dir (without checkpoints) to --hub_model_id."""
-    from huggingface_hub import create_repo, upload_folder
-
-    try:
-        repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token)
-        upload_folder(
-            repo_id=repo_id.repo_id,
-            folder_path=args.output_dir,
-            token=args.hub_token,
-            ignore_patterns=["checkpoint-*/**", "logs/**"],
-            commit_message="End of training",
-        )
-    except Exception as err:  # network, auth: report, do not crash with a traceback
-        raise TrainingError(f"push to hub failed: {str(err).splitlines()[0]}") from err
-
-
 def build_prompt_cache(
     args: argparse.Namespace, components: SDXLComponents, dataset: DreamBoothDataset, device: torch.device
 ) -> PromptCache | None:
@@ -239,20 +234,33 @@ def cache_latents(dataset: DreamBoothDataset, components: SDXLComponents, device
     dataset.build_latent_cache(encode, batch)
 
 
-def resume(
-    accelerator: Accelerator, path: Path, state: TrainState, dataset: DreamBoothDataset, sampler: EpochShuffleSampler
-) -> None:
-    """Load a checkpoint; the run continues with the checkpoint's seed so it replays the same randomness."""
+def resume(ctx: LoopContext, path: Path, dataset: DreamBoothDataset) -> None:
+    """Load a checkpoint. The run continues with the checkpoint's seed, so it replays the same randomness, and with
+    this run's learning rates and optimizer settings; a warning names what differs from the checkpoint."""
     logger.info(f"resuming from {path}")
-    seed = state.seed
+    state, scheduler = ctx.state, ctx.lr_scheduler.scheduler
+    seed, wanted = state.seed, optimizer_settings(ctx.optimizer, scheduler)
     try:
-        accelerator.load_state(str(path))
-    except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise TrainingError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from err
+        ctx.accelerator.load_state(str(path))
+    except (OSError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise TrainingError(f"cannot resume from {path}: {(str(err).splitlines() or [repr(err)])[0]}") from err
+    if not all_finite(ctx.trainable_parameters):
+        raise TrainingError(
+            f"cannot resume from {path}: its adapter weights are not finite; resume from an earlier one"
+        )
     state.last_checkpoint = path
     if state.seed != seed:
         logger.warning(f"using the checkpoint's seed {state.seed} instead of {seed}")
-        sampler.seed = dataset.seed = state.seed
+        ctx.sampler.seed = dataset.seed = state.seed
+    settings = restore_optimizer_settings(ctx.optimizer, scheduler, wanted)
+    if settings:
+        logger.warning(f"{path} was trained with other optimizer settings; using this run's ({', '.join(settings)})")
+    changes = run_layout_changes(state.saved_run_layout, state.run_layout)
+    if changes:
+        logger.warning(
+            f"{path} was trained with another batch layout ({', '.join(changes)}): training goes on with the new "
+            "one, but the result will differ from an uninterrupted run"
+        )
 
 
 def finish(
@@ -263,21 +271,35 @@ def finish(
     inference_scheduler: SchedulerMixin,
     weight_dtype: torch.dtype,
     state: TrainState,
+    parameters: list[nn.Parameter],
 ) -> Path:
-    """Write the final adapter file (main process), then optional Kohya copy, final validation and upload."""
+    """Write the final adapter file (main process), then optional Kohya copy, final validation and upload.
+
+    Weights that are not finite are never written; a failed write (disk full) ends in one line on every process."""
     accelerator.wait_for_everyone()
-    weight_file = Path(args.output_dir) / weight_name_for(args.adapter)
-    if accelerator.is_main_process:
-        weight_file = save_adapter_weights(args.adapter, args.output_dir, adapted)
-        logger.info(f"saved {weight_file}")
+    if not all_finite(parameters):
+        raise TrainingError(f"the adapter weights are not finite at step {state.global_step}; nothing was written")
+    weight_names = [weight_name_for(args.adapter)] + ([KOHYA_WEIGHT_NAME] if args.output_kohya_format else [])
+    weight_file = Path(args.output_dir) / weight_names[0]
+
+    def write() -> None:
+        save_adapter_weights(args.adapter, args.output_dir, adapted)
         if args.output_kohya_format:
             write_kohya_copy(args.output_dir)
+
+    error = agree_on_failure(attempt(write) if accelerator.is_main_process else None)
+    if error is not None:
+        needed = tensor_bytes(parameters) * len(weight_names)
+        folder = Path(args.output_dir)
+        raise TrainingError(write_failure_message("the final weights", folder, error, needed, state.last_checkpoint))
+    if accelerator.is_main_process:
+        logger.info(f"saved {weight_file}")
         if args.validation_prompt and args.num_validation_images:
             final_validation(
                 args, accelerator, components, inference_scheduler, weight_dtype, state.seed, state.global_step
             )
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args, weight_names)
     accelerator.wait_for_everyone()
     return weight_file
 
@@ -289,6 +311,9 @@ def run_training(args: argparse.Namespace) -> Path:
     check_before_work(args)
     seed = shared_seed(accelerator, args.seed)
     resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if resume_from is not None:
+        check_resume_step(resume_from, checkpoint_step(resume_from), args.max_train_steps)
+    check_output_dir(args, resuming=resume_from is not None)
     dataset = build_dataset(args, accelerator, seed)
     components = load_components(
         args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant
@@ -320,19 +345,21 @@ def run_training(args: argparse.Namespace) -> Path:
     text_encoders = (
         trained[1:] if args.train_text_encoder else [components.text_encoder_one, components.text_encoder_two]
     )
-    state = TrainState(seed)
+    layout = {
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+    }
+    state = TrainState(seed, run_layout=layout)
     register_adapter_hooks(accelerator, args.adapter, adapted)
     accelerator.register_for_checkpointing(state)
+    trainable_parameters = trainable.unet_parameters + trainable.text_encoder_parameters
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_output_dir(args)
         write_training_args(args)
         accelerator.init_trackers("dreambooth-lily", config=tracker_config(args))
-    if resume_from is not None:
-        resume(accelerator, resume_from, state, dataset, sampler)
-    logger.info(
-        f"{len(dataset)} examples, {per_epoch} steps per epoch, {max_train_steps} steps, "
-        f"batch {args.train_batch_size} x {accelerator.num_processes} processes x "
-        f"{args.gradient_accumulation_steps} accumulation"
-    )
+    accelerator.wait_for_everyone()
     ctx = LoopContext(
         accelerator=accelerator,
         args=args,
@@ -340,7 +367,7 @@ def run_training(args: argparse.Namespace) -> Path:
         unet=trained[0],
         text_encoders=text_encoders,
         trained_models=trained,
-        trainable_parameters=trainable.unet_parameters + trainable.text_encoder_parameters,
+        trainable_parameters=trainable_parameters,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataloader=dataloader,
@@ -353,8 +380,18 @@ def run_training(args: argparse.Namespace) -> Path:
         steps_per_epoch=per_epoch,
         validate=make_validator(args, accelerator, components, inference_scheduler, weight_dtype, state),
     )
+    if resume_from is not None:
+        resume(ctx, resume_from, dataset)
+        check_resume_step(resume_from, state.global_step, max_train_steps)
+    logger.info(
+        f"{len(dataset)} examples, {per_epoch} steps per epoch, {max_train_steps} steps, "
+        f"batch {args.train_batch_size} x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation"
+    )
     try:
         train(ctx)
-        return finish(args, accelerator, adapted, components, inference_scheduler, weight_dtype, state)
+        return finish(
+            args, accelerator, adapted, components, inference_scheduler, weight_dtype, state, trainable_parameters
+        )
     finally:
         accelerator.end_training()

@@ -93,6 +93,19 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf_home")
 
 
+def cli_environment(hf_home: Path) -> dict[str, str]:
+    """The environment of a training run in the tests: one thread, offline, an empty HF_HOME."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
 @pytest.fixture(scope="session")
 def run_cli(hf_home: Path) -> CliRunner:
     """Run the training script as a user would: `accelerate launch` (CPU) or plain `python`."""
@@ -104,14 +117,7 @@ def run_cli(hf_home: Path) -> CliRunner:
         timeout: int = 300,
         prefix: Sequence[str] = (),
     ) -> subprocess.CompletedProcess:
-        env = dict(os.environ)
-        env.update(
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            HF_HOME=str(hf_home),
-            TOKENIZERS_PARALLELISM="false",
-        )
+        env = cli_environment(hf_home)
         if launcher == "python":
             command = [sys.executable, str(SCRIPT)]
         else:
