@@ -49,10 +49,28 @@ def test_an_update_that_makes_the_weights_non_finite_is_never_saved(train, tmp_p
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / WEIGHTS).values())
 
 
-def test_a_learning_rate_that_overflows_float32_ends_in_one_line(train, tmp_path):
+def test_a_learning_rate_that_overflows_float32_ends_in_one_line(train, tmp_path, capsys):
+    """1e39 is refused with the flags; 3e38 passes them, but --scale_lr doubles it past float32 at the first step."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                "x",
+                "--instance_data_dir",
+                "x",
+                "--instance_prompt",
+                "x",
+                "--learning_rate",
+                "1e39",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "--learning_rate 1e+39 is too large" in capsys.readouterr().err
     out = tmp_path / "out"
-    assert _error(train, out, "--max_train_steps", 2, "--learning_rate", "1e39") == (
-        "step 1: the optimizer update overflows float32 (learning rate 1e+39 is too large); training stopped; "
+    assert _error(
+        train, out, "--max_train_steps", 2, "--learning_rate", "3e38", "--scale_lr", "--train_batch_size", 2
+    ) == (
+        "step 1: the optimizer update overflows float32 (learning rate 6e+38 is too large); training stopped; "
         "no checkpoint was saved"
     )
     assert sorted(p.name for p in out.iterdir()) == ["training_args.json"]
