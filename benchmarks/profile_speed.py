@@ -1,7 +1,7 @@
 """Where the adapters' time goes, on the benchmark's model, training step and CFG forward.
 
-    python benchmarks/profile_speed.py              # reduced-width SDXL UNet -> results/profile.md
-    python benchmarks/profile_speed.py --full-sdxl  # exact SDXL UNet, forward only -> results/profile_full_sdxl.md
+    python -m benchmarks.profile_speed              # reduced-width SDXL UNet -> results/profile.md
+    python -m benchmarks.profile_speed --full-sdxl  # exact SDXL UNet, forward only -> results/profile_full_sdxl.md
 
 Three views, from the most robust to the most detailed:
 1. one adapted layer (best-of-5 process CPU time): piece by piece, what each change in functional.py saves;
@@ -23,16 +23,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from contenders import Prepared, prepare, registry
 from peft.tuners.lily.layer import LilyLayer as PeftLilyLayer
 from peft.tuners.lora.layer import LoraLayer
-from report import format_table, machine_description, markdown, versions
-from speed import RESULTS_DIR, Settings, TrainingStep, build_unet, inference_forward, unet_inputs
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lily_diffusion.adapter import lily_adapters
 from lily_diffusion.functional import add_lily_
+
+from .contenders import Prepared, prepare, registry
+from .report import format_table, machine_description, markdown, versions
+from .speed import RESULTS_DIR, Settings, TrainingStep, build_unet, inference_forward, unet_inputs
 
 logger = logging.getLogger("profile_speed")
 DEFAULT_CONTENDERS = ("base", "lora-matched", "peft-lily", "ours-sample")
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     tables["In situ: share of the CFG forward spent inside the adapters"] = in_situ_table(items, forwards, args.steps)
     if not args.full_sdxl:
         tables.update(op_tables(unet, settings, keys, args.steps, args.top))
-    command = "python benchmarks/profile_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.profile_speed " + " ".join(sys.argv[1:] if argv is None else argv)
     facts = [
         f"command: `{command.strip()}`",
         f"machine: {machine_description(settings.device)}",

@@ -1,8 +1,8 @@
 """Speed, memory and file size of our Lily against peft's LoRA and peft's Lily, measured side by side.
 
-    python benchmarks/speed.py                  # CPU: SDXL UNet architecture at reduced width, 32x32 latents
-    python benchmarks/speed.py --full-sdxl      # the exact SDXL UNet config (random weights), 64x64 latents
-    python benchmarks/speed.py --full-sdxl --device cuda --dtype fp16   # 128x128 latents, gradient checkpointing
+    python -m benchmarks.speed                  # CPU: SDXL UNet architecture at reduced width, 32x32 latents
+    python -m benchmarks.speed --full-sdxl      # the exact SDXL UNet config (random weights), 64x64 latents
+    python -m benchmarks.speed --full-sdxl --device cuda --dtype fp16   # 128x128 latents, gradient checkpointing
 
 One process and one base UNet: every contender gets a weight-sharing copy of it, and the contenders
 run interleaved (A B C A B C ...), warm-up excluded, so that the ratios are fair on a noisy machine.
@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from contenders import AdapterSpec, Prepared, prepare, registry
 from diffusers import UNet2DConditionModel
-from report import Results, iter_tables, machine_description, markdown, versions
 
-from lily_diffusion.sdxl_config import SDXL_BASE_UNET_CONFIG
+from toyworld.sdxl_config import SDXL_BASE_UNET_CONFIG
+
+from .contenders import AdapterSpec, Prepared, prepare, registry
+from .report import Results, iter_tables, machine_description, markdown, versions
 
 logger = logging.getLogger("speed")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> Results:
         print(f"\n{title}\n{table}")
     output = args.output or default_output(settings)
     output.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/speed.py " + " ".join(argv)
+    command = "python -m benchmarks.speed " + " ".join(argv)
     title = f"Lily speed benchmark ({'exact SDXL UNet' if settings.full_sdxl else 'SDXL UNet at reduced width'})"
     facts = run_facts(settings, command.strip(), time.perf_counter() - started)
     output.write_text(markdown(title, facts, tables, NOTES))

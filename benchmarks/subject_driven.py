@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Lily vs LoRA DreamBooth on the bundled toy subject: learning-rate grid x prior preservation x seeds.
 
-python benchmarks/subject_driven.py            # the full run (writes benchmarks/results/subject_driven.md)
-python benchmarks/subject_driven.py --quick    # one run per method, a smoke test of the whole pipeline
+python -m benchmarks.subject_driven            # the full run (writes benchmarks/results/subject_driven.md)
+python -m benchmarks.subject_driven --quick    # one run per method, a smoke test of the whole pipeline
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lily_diffusion.toyworld.compare import (
+from toyworld.compare import (
     CLASS_PROMPT,
     INSTANCE_PROMPT,
     EvalPlan,
@@ -106,7 +106,7 @@ def main(input_args: Sequence[str] | None = None) -> str:
         f"{results_table(results, base_scores)}\n{LEGEND}\n"
         f"Total wall time {minutes:.1f} min on {platform.processor() or platform.machine()} "
         f"({torch.get_num_threads()} torch threads).\n\n"
-        f"```bash\npython benchmarks/subject_driven.py{' --quick' if args.quick else ''}\n```\n"
+        f"```bash\npython -m benchmarks.subject_driven{' --quick' if args.quick else ''}\n```\n"
     )
     results_path = args.results or (None if args.quick else RESULTS)
     if results_path is not None:

@@ -5,7 +5,7 @@ torch.float32)`), generates 64 fixed prompts x seeds (every shape/colour/backgro
 scores shape, colour and background. Also reports what the class prompt "a photo of a star" and the untrained
 instance prompt "a photo of sks star" give (class preservation baseline, subject probability baseline).
 
-    python scripts/eval_toy_base.py --model assets/toy-sdxl-base --report benchmarks/results/toy_base.md
+    python -m scripts.eval_toy_base --model assets/toy-sdxl-base --report benchmarks/results/toy_base.md
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from lily_diffusion.toyworld.evaluate import ToyEvaluator, parse_prompt
-from lily_diffusion.toyworld.prompts import attribute_prompts, generate
-from lily_diffusion.toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT
+from toyworld.evaluate import ToyEvaluator, parse_prompt
+from toyworld.paths import BASE_MODEL_DIR, REPO
+from toyworld.prompts import attribute_prompts, generate
+from toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT
 
 logger = logging.getLogger("eval_toy_base")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / "assets" / "toy-sdxl-base")
+    parser.add_argument("--model", type=Path, default=BASE_MODEL_DIR)
     parser.add_argument("--report", type=Path, default=None, help="markdown report to write (default: none)")
     parser.add_argument("--grid", type=Path, default=None, help="PNG grid of the 64 generations")
     parser.add_argument("--train-summary", type=Path, default=None, help="summary.json of the training run")
@@ -71,8 +71,11 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     fidelity = evaluator.prompt_fidelity(images, prompts)
     asked = [parse_prompt(p) for p in prompts]
     got = zip(evaluator.shapes(images), evaluator.colours(images), evaluator.backgrounds(images), strict=True)
-    all_three = float(np.mean([(s, c, b) == (a["shape"], a["colour"], a["background"])
-                               for (s, c, b), a in zip(got, asked, strict=True)]))
+    all_three = float(
+        np.mean(
+            [(s, c, b) == (a["shape"], a["colour"], a["background"]) for (s, c, b), a in zip(got, asked, strict=True)]
+        )
+    )
     class_images = generate(pipe, [CLASS_PROMPT] * 16, range(1000, 1016), args.steps, args.guidance_scale)
     instance_images = generate(pipe, [INSTANCE_PROMPT] * 16, range(2000, 2016), args.steps, args.guidance_scale)
     if args.grid is not None:
@@ -88,15 +91,17 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         "instance_subject_probability": float(evaluator.subject_probability(instance_images).mean()),
         "generation_seconds": seconds,
         "size_mb": folder_megabytes(args.model),
-        "parameters": {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-                       for name in ("unet", "vae", "text_encoder", "text_encoder_2")},
+        "parameters": {
+            name: sum(p.numel() for p in getattr(pipe, name).parameters())
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        },
     }
 
 
 def write_report(args: argparse.Namespace, result: dict) -> None:
     f = result["fidelity"]
     summary = json.loads(args.train_summary.read_text()) if args.train_summary and args.train_summary.is_file() else {}
-    train = summary.get("command", "python scripts/train_toy_base.py")
+    train = summary.get("command", "python -m scripts.train_toy_base")
     minutes = summary.get("minutes")
     lines = [
         "# Toy SDXL base model (`assets/toy-sdxl-base`)",
@@ -115,35 +120,37 @@ def write_report(args: argparse.Namespace, result: dict) -> None:
         f"| background | {f['background']:.3f} |",
         f"| all three at once | {result['all_three']:.3f} |",
         "",
-        f"- Class prompt \"{CLASS_PROMPT}\" (16 seeds): {result['class_preservation']:.3f} are plain stars "
+        f'- Class prompt "{CLASS_PROMPT}" (16 seeds): {result["class_preservation"]:.3f} are plain stars '
         f"(colours seen: {', '.join(result['class_colours'])}); mean P(subject) "
         f"{result['class_subject_probability']:.3f}.",
-        f"- Untrained instance prompt \"{INSTANCE_PROMPT}\" (16 seeds): mean P(subject) "
+        f'- Untrained instance prompt "{INSTANCE_PROMPT}" (16 seeds): mean P(subject) '
         f"{result['instance_subject_probability']:.3f} (the base model has never seen the subject).",
         f"- Size on disk: {result['size_mb']:.1f} MB (fp32 safetensors). Generating the {args.n} images took "
         f"{result['generation_seconds']:.0f} s on 2 CPU cores.",
         "- Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in result["parameters"].items()) + ".",
     ]
     if minutes is not None:
-        lines.append(f"- Training wall time: {minutes:.1f} min on a 2-core machine shared with other work "
-                     f"(VAE {summary.get('vae_minutes', 0):.1f} min + UNet/text encoders "
-                     f"{summary.get('unet_minutes', 0):.1f} min); CPU time {summary.get('cpu_minutes', 0):.1f} "
-                     f"min over {summary.get('threads', 2)} threads, i.e. about "
-                     f"{summary.get('cpu_minutes', 0) / summary.get('threads', 2):.1f} min of both cores.")
+        lines.append(
+            f"- Training wall time: {minutes:.1f} min on a 2-core machine shared with other work "
+            f"(VAE {summary.get('vae_minutes', 0):.1f} min + UNet/text encoders "
+            f"{summary.get('unet_minutes', 0):.1f} min); CPU time {summary.get('cpu_minutes', 0):.1f} "
+            f"min over {summary.get('threads', 2)} threads, i.e. about "
+            f"{summary.get('cpu_minutes', 0) / summary.get('threads', 2):.1f} min of both cores."
+        )
     lines += [
         "",
         "Reproduce:",
         "",
         "```bash",
         train,
-        f"python scripts/eval_toy_base.py --model {display_path(args.model)}"
+        f"python -m scripts.eval_toy_base --model {display_path(args.model)}"
         " --train-summary runs/toy-base/summary.json \\",
         "    --report benchmarks/results/toy_base.md --grid benchmarks/results/toy_base_samples.png",
         "```",
         "",
     ]
     if args.grid is not None:
-        lines += [f"![{args.n} generations, then 16 of \"{CLASS_PROMPT}\"]({args.grid.name})", ""]
+        lines += [f'![{args.n} generations, then 16 of "{CLASS_PROMPT}"]({args.grid.name})', ""]
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text("\n".join(lines))
 

@@ -10,7 +10,7 @@ Every batch, caption and noise tensor is a pure function of (`--seed`, stage, st
 same weights as an uninterrupted one. The finished pipeline is rounded to fp16 precision and saved as fp32 safetensors
 to `--save-dir`, so a plain `StableDiffusionXLPipeline.from_pretrained(save_dir)` gets one dtype in every component.
 
-    python scripts/train_toy_base.py --output-dir runs/toy-base --save-dir assets/toy-sdxl-base
+    python -m scripts.train_toy_base --output-dir runs/toy-base --save-dir assets/toy-sdxl-base
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
 from tqdm.auto import tqdm
 
-from lily_diffusion.toyworld.base_model import (
+from toyworld.base_model import (
     SCHEDULER_CONFIG,
     assemble_pipeline,
     build_text_encoders,
@@ -45,7 +45,7 @@ from lily_diffusion.toyworld.base_model import (
     build_unet,
     build_vae,
 )
-from lily_diffusion.toyworld.render import (
+from toyworld.render import (
     SIZE,
     Scene,
     caption,
@@ -82,8 +82,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--snr-gamma", type=float, default=5.0)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--scale-samples", type=int, default=512, help="renders that set the VAE scaling factor")
-    parser.add_argument("--stop-after", type=int, default=None,
-                        help="checkpoint and exit after this many steps of this invocation (rerun to continue)")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and exit after this many steps of this invocation (rerun to continue)",
+    )
     return parser.parse_args(input_args)
 
 
@@ -180,8 +184,15 @@ def train_vae(args: argparse.Namespace) -> tuple[AutoencoderKL, Seconds]:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         stop = args.stop_after is not None and step + 1 - start >= args.stop_after
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.vae_steps or stop:
-            save_state(path, {"step": step + 1, "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                              **(seconds + Seconds.now() - clock).state()})
+            save_state(
+                path,
+                {
+                    "step": step + 1,
+                    "model": vae.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    **(seconds + Seconds.now() - clock).state(),
+                },
+            )
         if stop and step + 1 < args.vae_steps:
             raise StopRequested(f"VAE stopped at step {step + 1}")
     vae.eval().requires_grad_(False)
@@ -216,8 +227,9 @@ class TextConditioner(torch.nn.Module):
         for p in prompts:
             if p not in self._ids:
                 tok = self.tokenizers[0]
-                self._ids[p] = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                                   return_tensors="pt").input_ids[0]
+                self._ids[p] = tok(
+                    p, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+                ).input_ids[0]
         return torch.stack([self._ids[p] for p in prompts])
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +249,7 @@ def denoiser_batch(args: argparse.Namespace, vae: AutoencoderKL, step: int) -> t
     return latents * vae.config.scaling_factor, sample_captions(scenes, rng)
 
 
-def train_denoiser(
-    args: argparse.Namespace, vae: AutoencoderKL
-) -> tuple[TextConditioner, torch.nn.Module, Seconds]:
+def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL) -> tuple[TextConditioner, torch.nn.Module, Seconds]:
     """Stage 2: the UNet and both text encoders, jointly; returns them (the EMA UNet) and the training seconds."""
     path = args.output_dir / "unet_state.pt"
     text = TextConditioner(args.seed)
@@ -293,9 +303,17 @@ def train_denoiser(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         stop = args.stop_after is not None and step + 1 - start >= args.stop_after
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.unet_steps or stop:
-            save_state(path, {"step": step + 1, "unet": unet.state_dict(), "ema": ema.state_dict(),
-                              "text": text.state_dict(), "optimizer": optimizer.state_dict(),
-                              **(seconds + Seconds.now() - clock).state()})
+            save_state(
+                path,
+                {
+                    "step": step + 1,
+                    "unet": unet.state_dict(),
+                    "ema": ema.state_dict(),
+                    "text": text.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    **(seconds + Seconds.now() - clock).state(),
+                },
+            )
         if stop and step + 1 < args.unet_steps:
             raise StopRequested(f"UNet stopped at step {step + 1}")
     return text.eval(), ema.eval(), seconds + (Seconds.now() - clock if start < args.unet_steps else Seconds())
@@ -319,7 +337,7 @@ def main(args: argparse.Namespace) -> Path | None:
     pipe.save_pretrained(args.save_dir, safe_serialization=True)
     total = vae_seconds + unet_seconds
     summary = {
-        "command": " ".join(["python scripts/train_toy_base.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m scripts.train_toy_base", *sys.argv[1:]]),
         "vae_minutes": vae_seconds.wall / 60,
         "unet_minutes": unet_seconds.wall / 60,
         "minutes": total.wall / 60,

@@ -2,7 +2,7 @@
 
 Writes `assets/toy-evaluator/{shape,subject}.safetensors` and `benchmarks/results/evaluator.md`:
 
-    python scripts/train_toy_evaluator.py
+    python -m scripts.train_toy_evaluator
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lily_diffusion.toyworld.classifiers import degrade, near_miss, to_unit
-from lily_diffusion.toyworld.evaluate import DEFAULT_DIR, ToyEvaluator, train_evaluator
-from lily_diffusion.toyworld.render import random_scenes, render_array, render_batch, sample_scene
-from lily_diffusion.toyworld.subject import sample_subject_scene
+from toyworld.classifiers import degrade, near_miss, to_unit
+from toyworld.evaluate import DEFAULT_DIR, ToyEvaluator, train_evaluator
+from toyworld.paths import BASE_MODEL_DIR, RESULTS, SUBJECT_DIR
+from toyworld.render import random_scenes, render_array, render_batch, sample_scene
+from toyworld.subject import sample_subject_scene
 
 logger = logging.getLogger("train_toy_evaluator")
-REPO = Path(__file__).resolve().parents[1]
 HELDOUT_SEED = 2024  # never used in training
 
 
@@ -41,17 +41,19 @@ def analytic_accuracies(evaluator: ToyEvaluator, n: int) -> dict[str, float]:
     clean = render_batch(scenes)
     result = {}
     for name, images in (("", clean), ("_degraded", degraded(clean, HELDOUT_SEED))):
-        result["background" + name] = float(np.mean([b == s.background for b, s in
-                                                     zip(evaluator.backgrounds(images), scenes, strict=True)]))
-        result["colour" + name] = float(np.mean([c == s.colour for c, s in
-                                                 zip(evaluator.colours(images), scenes, strict=True)]))
+        result["background" + name] = float(
+            np.mean([b == s.background for b, s in zip(evaluator.backgrounds(images), scenes, strict=True)])
+        )
+        result["colour" + name] = float(
+            np.mean([c == s.colour for c, s in zip(evaluator.colours(images), scenes, strict=True)])
+        )
     return result
 
 
 def subject_calibration(evaluator: ToyEvaluator, n: int) -> dict[str, tuple[float, float, float]]:
     """(mean P(subject), mean similarity, fraction P>0.5) on held-out groups of images."""
     rng = np.random.default_rng(HELDOUT_SEED + 1)
-    references = [Image.open(p) for p in sorted((REPO / "samples" / "subject").glob("*.png"))]
+    references = [Image.open(p) for p in sorted(SUBJECT_DIR.glob("*.png"))]
     groups = {
         "instance images (samples/subject)": np.stack([np.asarray(r.convert("RGB")) for r in references]),
         "fresh subject renders": np.stack([render_array(sample_subject_scene(rng)) for _ in range(n)]),
@@ -71,12 +73,12 @@ def base_model_check(evaluator: ToyEvaluator, model: Path, n: int = 32) -> dict[
     """A sanity check, not training data: the base model's stars (it has never seen the subject)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from lily_diffusion.toyworld.prompts import generate
-    from lily_diffusion.toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT
+    from toyworld.prompts import generate
+    from toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    references = [Image.open(p) for p in sorted((REPO / "samples" / "subject").glob("*.png"))]
+    references = [Image.open(p) for p in sorted(SUBJECT_DIR.glob("*.png"))]
     out = {}
     for prompt, first_seed in ((CLASS_PROMPT, 1000), (INSTANCE_PROMPT, 2000)):
         images = generate(pipe, [prompt] * n, range(first_seed, first_seed + n))
@@ -86,8 +88,14 @@ def base_model_check(evaluator: ToyEvaluator, model: Path, n: int = 32) -> dict[
     return out
 
 
-def write_report(path: Path, cnn: dict[str, float], analytic: dict[str, float],
-                 calibration: dict[str, tuple[float, float, float]], seconds: float, n: int) -> None:
+def write_report(
+    path: Path,
+    cnn: dict[str, float],
+    analytic: dict[str, float],
+    calibration: dict[str, tuple[float, float, float]],
+    seconds: float,
+    n: int,
+) -> None:
     rows = [
         ("shape (CNN)", cnn["shape"], cnn["shape_degraded"]),
         ("subject vs not (CNN)", cnn["subject"], cnn["subject_degraded"]),
@@ -119,7 +127,7 @@ def write_report(path: Path, cnn: dict[str, float], analytic: dict[str, float],
         f"Training both CNNs and this report took {seconds / 60:.1f} min on 2 CPU cores:",
         "",
         "```bash",
-        "python scripts/train_toy_evaluator.py",
+        "python -m scripts.train_toy_evaluator",
         "```",
         "",
     ]
@@ -130,11 +138,15 @@ def write_report(path: Path, cnn: dict[str, float], analytic: dict[str, float],
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "evaluator.md")
+    parser.add_argument("--report", type=Path, default=RESULTS / "evaluator.md")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--n", type=int, default=500, help="images per calibration group")
-    parser.add_argument("--base-model", type=Path, default=REPO / "assets" / "toy-sdxl-base",
-                        help="if present, also check the subject measures on its stars (32 per prompt, 25 steps)")
+    parser.add_argument(
+        "--base-model",
+        type=Path,
+        default=BASE_MODEL_DIR,
+        help="if present, also check the subject measures on its stars (32 per prompt, 25 steps)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)

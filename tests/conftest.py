@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
+from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline
 
 # One thread for the whole suite: the models are tiny, and on a busy 2-core machine two OpenMP threads that
 # spin while they wait make them several times (up to ~100x) slower.

@@ -7,7 +7,7 @@ from lily_diffusion import (
     count_lora_parameters,
     lily_config_for_lora_budget,
 )
-from lily_diffusion.sdxl_config import build_sdxl_unet_on_meta
+from toyworld.sdxl_config import build_sdxl_unet_on_meta
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ def test_readme_starts_with_the_two_commands():
     lines = README.read_text().splitlines()
     commands = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
     install = 'pip install torch==2.13.0 && pip install -e ".[train]"'
-    assert commands[0].startswith(f"{install} && python -m lily_diffusion.toyworld.demo")
+    assert commands[0].startswith(f"{install} && python -m toyworld.demo")
     assert commands[1].startswith('pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q ')
 
 

@@ -17,8 +17,8 @@ from lily_diffusion import (
     load_lily_weights,
     save_lily_weights,
 )
-from lily_diffusion.tiny_sdxl import build_unet
 from tests.helpers import run_unet, unet_inputs
+from toyworld.tiny_sdxl import build_unet
 
 CONFIG = LilyConfig(r=4, stride_A=3, num_B=3, init_weights=False)
 

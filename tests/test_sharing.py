@@ -6,8 +6,8 @@ from torch import nn
 
 from lily_diffusion import LilyConfig, add_lily
 from lily_diffusion.layer import LilyLinear
-from lily_diffusion.sdxl_config import build_sdxl_unet_on_meta
 from lily_diffusion.sharing import build_layout, target_name
+from toyworld.sdxl_config import build_sdxl_unet_on_meta
 
 
 def distinct(parameters) -> int:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lily_diffusion import LilyConfig, add_lily, save_lily_weights
 from lily_diffusion.grids import check_adapter_fits, describe_adapter, main
-from lily_diffusion.tiny_sdxl import build_unet
+from toyworld.tiny_sdxl import build_unet
 
 REPO = Path(__file__).resolve().parents[2]
 LILY = LilyConfig(r=4, stride_A=2, num_B=2, init_weights=False)

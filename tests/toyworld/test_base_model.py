@@ -9,9 +9,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from lily_diffusion.toyworld.evaluate import ToyEvaluator
-from lily_diffusion.toyworld.prompts import generate
-from lily_diffusion.toyworld.render import BACKGROUNDS, COLOURS, SHAPES
+from toyworld.evaluate import ToyEvaluator
+from toyworld.prompts import generate
+from toyworld.render import BACKGROUNDS, COLOURS, SHAPES
 
 MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-sdxl-base"
 # Measured on this model at 10 steps: every attribute 8/8 for seeds 0-7 and for each of 9 further groups of 8

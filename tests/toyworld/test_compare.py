@@ -1,14 +1,13 @@
 """The subject-driven benchmark end to end in its smallest form: train Lily and LoRA, generate, score."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from benchmarks.subject_driven import plan_runs
 from lily_diffusion.grids import GridAdapter
-from lily_diffusion.toyworld.compare import (
+from toyworld.compare import (
     SUBJECT_DIR,
     EvalPlan,
     RunResult,
@@ -18,11 +17,8 @@ from lily_diffusion.toyworld.compare import (
     results_table,
     run_all,
 )
-from lily_diffusion.toyworld.evaluate import ToyEvaluator
-from lily_diffusion.toyworld.render import COLOURS, Scene, render
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from subject_driven import plan_runs
+from toyworld.evaluate import ToyEvaluator
+from toyworld.render import COLOURS, Scene, render
 
 
 def test_evaluator_separates_the_subject_from_plain_stars():

@@ -1,11 +1,10 @@
-"""The README demo (`python -m lily_diffusion.toyworld.demo`) end to end, in a reduced form."""
+"""The README demo (`python -m toyworld.demo`) end to end, in a reduced form."""
 
 import sys
 
-import pytest
 from PIL import Image
 
-from lily_diffusion.toyworld import compare, demo
+from toyworld import compare, demo
 
 
 def test_demo_trains_both_adapters_and_writes_the_grid_and_the_table(tmp_path):
@@ -20,12 +19,6 @@ def test_demo_trains_both_adapters_and_writes_the_grid_and_the_table(tmp_path):
     # columns: base, Lily, LoRA (64 px cells) beside a label column; rows: the subject and the class prompt
     assert grid.width > 3 * 64 and grid.height > 2 * 64
     assert (output_dir / "runs" / "lily-lr0.003-noprior-seed0").is_dir()
-
-
-def test_missing_bundled_files_are_named(monkeypatch, tmp_path):
-    monkeypatch.setattr(compare, "BASE_MODEL_DIR", tmp_path / "toy-sdxl-base")
-    with pytest.raises(FileNotFoundError, match=r"toy-sdxl-base.*pip install -e"):
-        compare.run_all([], tmp_path, 4, compare.EvalPlan())
 
 
 def test_training_output_is_reduced_to_a_progress_bar_and_kept_for_errors():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lily_diffusion.toyworld.classifiers import degrade, shape_batch, subject_batch, to_unit, train_classifier
-from lily_diffusion.toyworld.evaluate import ToyEvaluator, parse_prompt
-from lily_diffusion.toyworld.render import SHAPES, caption, random_scenes, render_array, render_batch, sample_scene
+from toyworld.classifiers import degrade, shape_batch, subject_batch, to_unit, train_classifier
+from toyworld.evaluate import ToyEvaluator, parse_prompt
+from toyworld.render import SHAPES, caption, random_scenes, render_array, render_batch, sample_scene
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "subject"
 FRESH_SEED = 31337  # neither a training seed nor the report's held-out seed

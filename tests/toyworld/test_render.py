@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lily_diffusion.toyworld.render import (
+from toyworld.render import (
     BACKGROUNDS,
     COLOURS,
     EXTRA_COLOURS,

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lily_diffusion.toyworld.render import COLOURS
-from lily_diffusion.toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT, SUBJECT_COLOURS, write_subject_samples
+from toyworld.render import COLOURS
+from toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT, SUBJECT_COLOURS, write_subject_samples
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "subject"
 

@@ -14,7 +14,7 @@ import pytest
 from accelerate import PartialState
 from PIL import Image
 
-from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
+from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_dreambooth_lily.py"

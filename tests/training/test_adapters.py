@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lily_diffusion import LilyConfig, count_lily_parameters, count_lora_parameters
-from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
 from lily_diffusion.training.adapters import (
     AdaptedModels,
     add_adapters,
@@ -15,6 +14,7 @@ from lily_diffusion.training.adapters import (
 )
 from lily_diffusion.training.args import parse_args
 from lily_diffusion.training.errors import TrainingError
+from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
 SMALL_LILY = ["--lily_r", "4", "--lily_stride_A", "2", "--lily_num_B", "2"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline
 from lily_diffusion.training.conditioning import PromptCache, compute_time_ids, encode_prompts
+from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from PIL import Image
 
 from lily_diffusion.config import LilyConfig
 from lily_diffusion.layer import LilyLinear
-from lily_diffusion.tiny_sdxl import build_tiny_sdxl_pipeline, build_tokenizer
 from lily_diffusion.training.adapters import AdaptedModels, add_adapters
 from lily_diffusion.training.args import build_parser, ignored_flags, parse_args
 from lily_diffusion.training.class_images import check_class_data_dir
@@ -35,6 +34,7 @@ from lily_diffusion.training.data import (
 from lily_diffusion.training.errors import TrainingError
 from lily_diffusion.training.hub_dataset import row_image
 from lily_diffusion.training.paths import check_writable_folder
+from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline, build_tokenizer
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
 DROP_FILE_POWERS = ["--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 def attribute_prompts(n: int = 64) -> list[str]:
     """Every (shape, colour, background) caption once (48), then again from the start until `n` prompts."""
-    combos = [f"a photo of a {c} {s} on a {b} background"
-              for b, c, s in itertools.product(BACKGROUNDS, COLOURS, SHAPES)]
+    combos = [
+        f"a photo of a {c} {s} on a {b} background" for b, c, s in itertools.product(BACKGROUNDS, COLOURS, SHAPES)
+    ]
     return [combos[i % len(combos)] for i in range(n)]
 
 

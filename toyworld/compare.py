@@ -25,30 +25,14 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..grids import GridAdapter, comparison_grid, describe_adapter, generate_for_adapter
+from lily_diffusion.grids import GridAdapter, comparison_grid, describe_adapter, generate_for_adapter
+
 from .evaluate import ToyEvaluator
+from .paths import BASE_MODEL_DIR, SUBJECT_DIR, TRAIN_SCRIPT
 from .render import BACKGROUNDS
+from .subject import CLASS_PROMPT, INSTANCE_PROMPT
 
 logger = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parents[2]
-BASE_MODEL_DIR = REPO / "assets" / "toy-sdxl-base"
-SUBJECT_DIR = REPO / "samples" / "subject"
-TRAIN_SCRIPT = REPO / "train_dreambooth_lily.py"
-INSTANCE_PROMPT = "a photo of sks star"
-CLASS_PROMPT = "a photo of a star"
-
-
-def require_source_checkout() -> None:
-    """The toy world's base model, subject and training script are files of the repository, not of
-    the installed package: fail early, and say so, when they are not there (e.g. a wheel install)."""
-    missing = [path for path in (BASE_MODEL_DIR, SUBJECT_DIR, TRAIN_SCRIPT) if not path.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"The toy-world demo and benchmark read the bundled base model, subject and training script from "
-            f"the source checkout, and {', '.join(str(path) for path in missing)} is missing. Clone the "
-            f"repository and install it with `pip install -e .` from its root."
-        )
 
 
 @dataclass(frozen=True)
@@ -200,7 +184,6 @@ def run_all(
     specs: Sequence[RunSpec], work_dir: Path, lora_rank: int, plan: EvalPlan
 ) -> tuple[list[RunResult], dict[str, float]]:
     """Train and score every run; also score the base model (the no-training reference)."""
-    require_source_checkout()
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

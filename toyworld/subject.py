@@ -3,7 +3,7 @@
 `write_subject_samples` regenerates the 5 committed instance images in `samples/subject/` bit-identically,
 with `prompts.json` (instance and class prompt) and `metadata.jsonl` (one caption per image):
 
-    python -m lily_diffusion.toyworld.subject --out samples/subject
+    python -m toyworld.subject --out samples/subject
 """
 
 from __future__ import annotations

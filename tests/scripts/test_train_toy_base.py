@@ -1,21 +1,11 @@
-"""scripts/train_toy_base.py: a run stopped and resumed ends with exactly the weights of an uninterrupted one."""
+"""scripts.train_toy_base: a run stopped and resumed ends with exactly the weights of an uninterrupted one."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_toy_base.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_toy_base", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+from scripts.train_toy_base import main, parse_args
 
 
 def _args(folder: Path, *extra: str) -> list[str]:
@@ -48,15 +38,14 @@ def _args(folder: Path, *extra: str) -> list[str]:
 
 
 def test_stop_and_resume_is_bit_identical_to_one_run(tmp_path):
-    script = _script()
-    whole = script.main(script.parse_args(_args(tmp_path / "whole")))
+    whole = main(parse_args(_args(tmp_path / "whole")))
     assert whole == tmp_path / "whole" / "pipe"
 
     resumed = tmp_path / "resumed"
-    assert script.main(script.parse_args(_args(resumed, "--stop-after", "1"))) is None  # stops inside the VAE
-    assert script.main(script.parse_args(_args(resumed, "--stop-after", "2"))) is None  # VAE done, UNet step 1
+    assert main(parse_args(_args(resumed, "--stop-after", "1"))) is None  # stops inside the VAE
+    assert main(parse_args(_args(resumed, "--stop-after", "2"))) is None  # VAE done, UNet step 1
     assert not (resumed / "pipe").exists()
-    assert script.main(script.parse_args(_args(resumed))) == resumed / "pipe"
+    assert main(parse_args(_args(resumed))) == resumed / "pipe"
 
     files = sorted(p.relative_to(whole) for p in whole.rglob("*.safetensors"))
     assert len(files) == 4  # unet, vae, text_encoder, text_encoder_2

@@ -12,9 +12,9 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .. import tiny_sdxl
-from ..tiny_sdxl import DEFAULT_WORDS, build_tokenizer
+from . import tiny_sdxl
 from .render import EXTRA_COLOURS, SIZE, WORLD_WORDS
+from .tiny_sdxl import DEFAULT_WORDS, build_tokenizer
 
 # The base world's words, the subject's colours, and rare tokens for DreamBooth identifiers.
 RARE_TOKENS: tuple[str, ...] = ("sks", "zwx", "ohwx")

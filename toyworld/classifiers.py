@@ -41,8 +41,13 @@ class TinyCNN(nn.Module):
         layers: list[nn.Module] = []
         channels = 3
         for out in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.GELU(), nn.Conv2d(out, out, 3, padding=1),
-                       nn.GELU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(out, out, 3, padding=1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+            ]
             channels = out
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels, num_classes)
@@ -149,9 +154,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def heldout_accuracy(
-    model: TinyCNN, batch_fn: BatchFn, seed: int, n: int = 2000, degraded: bool = False
-) -> float:
+def heldout_accuracy(model: TinyCNN, batch_fn: BatchFn, seed: int, n: int = 2000, degraded: bool = False) -> float:
     """Accuracy on `n` fresh renders from a seed never used in training (optionally degraded)."""
     images, labels = batch_fn(np.random.default_rng([seed, 10**9]), n)
     x = to_unit(images)

@@ -28,12 +28,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .classifiers import TinyCNN, heldout_accuracy, shape_batch, subject_batch, to_unit, train_classifier
+from .paths import EVALUATOR_DIR
 from .render import BACKGROUNDS, COLOURS, SHAPES
 from .subject import SUBJECT_TOKEN
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy-evaluator"
+DEFAULT_DIR = EVALUATOR_DIR
 SHAPE_SEED, SUBJECT_SEED = 11, 12
 FOREGROUND_FRACTION = 0.5  # a pixel is the object's if its distance from the background exceeds this x the max
 MIN_OBJECT_DISTANCE = 40.0  # below this (0-255 units) the image has no visible object
@@ -62,8 +63,13 @@ def _nearest(colours: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> l
 def background_colours(images: np.ndarray) -> np.ndarray:
     """Median RGB of each image's 2-pixel border, float [n, 3]."""
     border = np.concatenate(
-        [images[:, :2].reshape(len(images), -1, 3), images[:, -2:].reshape(len(images), -1, 3),
-         images[:, 2:-2, :2].reshape(len(images), -1, 3), images[:, 2:-2, -2:].reshape(len(images), -1, 3)], axis=1
+        [
+            images[:, :2].reshape(len(images), -1, 3),
+            images[:, -2:].reshape(len(images), -1, 3),
+            images[:, 2:-2, :2].reshape(len(images), -1, 3),
+            images[:, 2:-2, -2:].reshape(len(images), -1, 3),
+        ],
+        axis=1,
     )
     return np.median(border.astype(np.float64), axis=1)
 
@@ -81,8 +87,12 @@ def object_colours(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median RGB of each object's pixels [n, 3] and whether an object was found [n]."""
     masks = foreground_masks(images)
     found = masks.any(axis=(1, 2))
-    colours = np.array([np.median(img[m].astype(np.float64), axis=0) if m.any() else np.zeros(3)
-                        for img, m in zip(images, masks, strict=True)])
+    colours = np.array(
+        [
+            np.median(img[m].astype(np.float64), axis=0) if m.any() else np.zeros(3)
+            for img, m in zip(images, masks, strict=True)
+        ]
+    )
     return colours.reshape(len(images), 3), found
 
 
@@ -110,8 +120,9 @@ def appearance_features(images: np.ndarray, size: int = 16, pattern_weight: floa
 def parse_prompt(prompt: str) -> dict[str, str | bool | None]:
     """The attributes a prompt asks for: shape, colour, background (None if unnamed) and whether the subject."""
     words = re.findall(r"[a-z]+", prompt.lower())
-    background = next((w for w, n in zip(words, [*words[1:], ""], strict=True)
-                       if w in BACKGROUNDS and n == "background"), None)
+    background = next(
+        (w for w, n in zip(words, [*words[1:], ""], strict=True) if w in BACKGROUNDS and n == "background"), None
+    )
     return {
         "shape": next((w for w in words if w in SHAPES), None),
         "colour": next((w for w in words if w in COLOURS), None),
@@ -161,8 +172,11 @@ class ToyEvaluator:
 
     def prompt_fidelity(self, images: Sequence[ImageLike] | np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
         """Per attribute, the fraction of images that show what their prompt names (unnamed attributes skipped)."""
-        predicted = {"shape": self.shapes(images), "colour": self.colours(images),
-                     "background": self.backgrounds(images)}
+        predicted = {
+            "shape": self.shapes(images),
+            "colour": self.colours(images),
+            "background": self.backgrounds(images),
+        }
         asked = [parse_prompt(p) for p in prompts]
         scores: dict[str, float] = {}
         for key, values in predicted.items():

@@ -1,6 +1,6 @@
 """The README demo: DreamBooth Lily and LoRA on the bundled subject and base model, then a grid and a score table.
 
-python -m lily_diffusion.toyworld.demo [--output_dir output/demo]
+python -m toyworld.demo [--output_dir output/demo]
 """
 
 from __future__ import annotations

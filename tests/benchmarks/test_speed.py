@@ -1,18 +1,11 @@
-"""Smoke test of benchmarks/speed.py's building blocks on the tiny UNet (no timings are asserted)."""
-
-import sys
-from pathlib import Path
+"""Smoke test of benchmarks.speed's building blocks on the tiny UNet (no timings are asserted)."""
 
 import pytest
 import torch
 
+from benchmarks import contenders, profile_speed, report, speed
 from lily_diffusion import count_lily_parameters, count_lora_parameters
-from lily_diffusion.tiny_sdxl import build_unet
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import contenders
-import report
-import speed
+from toyworld.tiny_sdxl import build_unet
 
 SPEC = contenders.AdapterSpec(r=4, stride_A=2, num_B=3, small_lora_rank=8)
 SETTINGS = speed.Settings(latent=8, train_batch=2, spec=SPEC)
@@ -100,7 +93,6 @@ def test_peak_rss_can_be_reset_and_read():
 
 @pytest.mark.parametrize("key", ["lora-matched", "peft-lily", "ours-sample"])
 def test_profile_clock_times_only_the_adapters(base, registry, key):
-    import profile_speed
 
     prepared = contenders.prepare(base, SPEC, key, registry[key], torch.float32)
     forward = speed.inference_forward(prepared, speed.unet_inputs(prepared.model, 2, SETTINGS, seed=1), SETTINGS)
@@ -109,7 +101,6 @@ def test_profile_clock_times_only_the_adapters(base, registry, key):
 
 
 def test_profile_layer_tables_name_every_piece():
-    import profile_speed
 
     rows = profile_speed.training_layer_costs(tokens=8, width=16, r=4, num_B=3, lora_rank=2)
     assert [row[0] for row in rows] == [
