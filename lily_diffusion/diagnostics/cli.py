@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..pipeline import check_lily_weights, components_of, load_lily_weights
+from ..serialization import WEIGHTS_NAME
 from .analysis import analyse_layers, expert_use, summarise
 from .collect import collect_mixes
-from .lora import LoraLayer, lora_layer_stats, read_lora_file
+from .lora import LORA_WEIGHTS_NAME, LoraLayer, lora_layer_stats, read_lora_file
 from .report import InspectionReport, format_table, write_json, write_plots
 from .weights import lily_weight_stats
 
@@ -73,7 +74,7 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     if args.pipeline is None:
         given = [f"--{name}" for name in PIPELINE_ONLY if getattr(args, name) is not None]
         if given:
-            return f"{', '.join(given)} only apply with --pipeline (they choose what runs through it)"
+            return f"{', '.join(given)} given without --pipeline: they choose what runs through the pipeline"
     if args.prompts is not None and not all(p.strip() for p in args.prompts):
         return "--prompts must not be empty strings"
     if args.resolution is not None and args.resolution % 8:
@@ -121,8 +122,17 @@ def _one_line(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _check_folders(adapter: Path, lora: Path | None) -> None:
+    """Name the swap when a folder holds the other kind of file than the one asked for."""
+    if adapter.is_dir() and not (adapter / WEIGHTS_NAME).exists() and (adapter / LORA_WEIGHTS_NAME).is_file():
+        raise ValueError(f"{adapter} holds a LoRA ({LORA_WEIGHTS_NAME}), not a Lily adapter: pass it with --lora.")
+    if lora and lora.is_dir() and not (lora / LORA_WEIGHTS_NAME).exists() and (lora / WEIGHTS_NAME).is_file():
+        raise ValueError(f"--lora {lora} holds a Lily adapter ({WEIGHTS_NAME}): pass it as the ADAPTER argument.")
+
+
 def inspect(args: argparse.Namespace) -> InspectionReport:
     """Check every input, then measure; raises a one-line `ValueError`/`FileNotFoundError` for a bad input."""
+    _check_folders(Path(args.adapter), Path(args.lora) if args.lora else None)
     weights = lily_weight_stats(args.adapter)
     lora = read_lora_file(args.lora) if args.lora else {}
     pipe = None
