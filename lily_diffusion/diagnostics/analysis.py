@@ -38,7 +38,9 @@ class LayerAnalysis:
     mean_mix: list[float]
     router_entropy: float  # mean over inputs of H(p(x)), nats; 0 = one expert, log(num_B) = uniform
     max_entropy: float  # log(num_B)
-    tv_spread: float  # mean TV distance of p(x) from the mean mix
+    tv_spread: float  # mean TV distance of p(x) from the mean mix, over all inputs
+    tv_prompts: float  # the same among the prompts at one call, averaged over calls
+    tv_timesteps: float  # the same among the calls (timesteps) for one prompt, averaged over prompts
     max_tv: float  # largest TV distance between two inputs' mixes
     per_input_effective_rank: float  # mean over inputs of erank(ΔW(x)); at most r
     stacked_effective_rank: float  # erank of the updates stacked over the inputs
@@ -77,7 +79,8 @@ def analyse_layers(
             key = f"{component}.{path}"
             if key not in activations.mixes:
                 continue
-            mixes = activations.mixes[key].reshape(-1, adapter.config.num_B).to(torch.float64)
+            by_call = activations.mixes[key].to(torch.float64)  # [calls, prompts, num_B]
+            mixes = by_call.reshape(-1, adapter.config.num_B)
             A, B = adapter.lily_A[slot.a_index].detach(), adapter.lily_B[slot.group].detach()
             per_input = lily_update_singular_values(A, B, mixes, scaling)
             stacked = lily_stacked_singular_values(A, B, mixes, scaling)
@@ -93,6 +96,8 @@ def analyse_layers(
                     router_entropy=entropy(mixes).mean().item(),
                     max_entropy=math.log(adapter.config.num_B),
                     tv_spread=tv_spread(mixes),
+                    tv_prompts=sum(tv_spread(call) for call in by_call) / by_call.shape[0],
+                    tv_timesteps=sum(tv_spread(by_call[:, i]) for i in range(by_call.shape[1])) / by_call.shape[1],
                     max_tv=max_pairwise_tv(mixes),
                     per_input_effective_rank=sum(effective_rank(v) for v in per_input) / len(per_input),
                     stacked_effective_rank=effective_rank(stacked),
@@ -149,9 +154,13 @@ def summarise(
         "mean_router_entropy": mean([la.router_entropy for la in layers]),
         "max_entropy": mean([la.max_entropy for la in layers]),
         "mean_tv_spread": mean([la.tv_spread for la in layers]),
+        "mean_tv_prompts": mean([la.tv_prompts for la in layers]),
+        "mean_tv_timesteps": mean([la.tv_timesteps for la in layers]),
         "max_tv": max((la.max_tv for la in layers), default=None),
         "mean_per_input_effective_rank": mean([la.per_input_effective_rank for la in layers]),
         "mean_stacked_effective_rank": mean([la.stacked_effective_rank for la in layers]),
+        "layers_stacked_above_r": sum(la.stacked_effective_rank > la.r for la in layers) if layers else None,
+        "max_stacked_effective_rank": max((la.stacked_effective_rank for la in layers), default=None),
         "mean_pool_effective_rank": mean([p.pool_effective_rank for p in weights.pools]),
         "experts": sum(p.num_B for p in weights.pools),
         "unused_experts": sum(len(u.unused) for u in uses),

@@ -27,7 +27,13 @@ from .weights import lily_weight_stats
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = ("a photo of sks star", "a photo of a star", "a photo of sks star on the grass", "a red circle")
+# The bundled toy subject's prompts (instance, two scenes, class); pass your own instance prompt for your adapter.
+DEFAULT_PROMPTS = (
+    "a photo of sks star",
+    "a photo of sks star on a blue background",
+    "a photo of sks star on a red background",
+    "a photo of a star",
+)
 PIPELINE_ONLY = ("prompts", "num_inference_steps", "seed", "resolution")
 
 
@@ -130,7 +136,7 @@ def _check_folders(adapter: Path, lora: Path | None) -> None:
         raise ValueError(f"--lora {lora} holds a Lily adapter ({WEIGHTS_NAME}): pass it as the ADAPTER argument.")
 
 
-def inspect(args: argparse.Namespace) -> InspectionReport:
+def run_inspection(args: argparse.Namespace) -> InspectionReport:
     """Check every input, then measure; raises a one-line `ValueError`/`FileNotFoundError` for a bad input."""
     _check_folders(Path(args.adapter), Path(args.lora) if args.lora else None)
     weights = lily_weight_stats(args.adapter)
@@ -168,7 +174,7 @@ def main(input_args: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(input_args)
     try:
-        report = inspect(args)
+        report = run_inspection(args)
     except (FileNotFoundError, ValueError, SafetensorError) as error:
         raise SystemExit(f"lily-inspect: error: {_one_line(error, limit=2000)}") from None
     out = Path(args.out)

@@ -71,13 +71,16 @@ def format_table(report: InspectionReport) -> str:
     """The printed table: per layer with activations, per expert pool always, then the summary lines."""
     lines: list[str] = []
     if report.layers:
-        headers = ["layer", "H(p)", "log nB", "TV spread", "max TV", "erank/input", "erank stacked", "LoRA erank"]
+        headers = ["layer", "H(p)", "log nB", "TV all", "TV prompts", "TV steps", "max TV"]
+        headers += ["erank/input", "erank stacked", "LoRA erank"]
         rows = [
             [
                 short_name(la.key),
                 _fmt(la.router_entropy),
                 _fmt(la.max_entropy),
                 _fmt(la.tv_spread, 3),
+                _fmt(la.tv_prompts, 3),
+                _fmt(la.tv_timesteps, 3),
                 _fmt(la.max_tv, 3),
                 _fmt(la.per_input_effective_rank),
                 _fmt(la.stacked_effective_rank),

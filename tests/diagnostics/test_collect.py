@@ -29,6 +29,7 @@ def test_uniform_router_gives_log_num_B_and_no_spread(pipe):
     for layer in analyse_layers(pipe, activations):
         assert layer.router_entropy == pytest.approx(math.log(3))
         assert layer.tv_spread == pytest.approx(0.0, abs=1e-7)
+        assert layer.tv_prompts == pytest.approx(0.0, abs=1e-7) and layer.tv_timesteps == pytest.approx(0.0, abs=1e-7)
         # one mix for every input: the stack reaches nothing beyond a single update
         assert layer.stacked_effective_rank == pytest.approx(layer.per_input_effective_rank, rel=1e-5)
         assert layer.per_input_effective_rank <= CONFIG.r + 1e-9
@@ -42,6 +43,10 @@ def test_identical_experts_are_a_static_adapter(pipe):
             pool.copy_(pool[0].expand_as(pool))
     layers = analyse_layers(pipe, collect_mixes(pipe, PROMPTS, num_inference_steps=2))
     assert max(layer.tv_spread for layer in layers) > 0.0  # the routers do react to the input
+    # cross-attention keys and values see only the prompt's text states: same mix at every timestep
+    text_only = [layer for layer in layers if ".attn2.to_k" in layer.key or ".attn2.to_v" in layer.key]
+    assert text_only and all(layer.tv_timesteps == pytest.approx(0.0, abs=1e-6) for layer in text_only)
+    assert all(layer.tv_prompts > 0.0 for layer in text_only)
     for layer in layers:
         assert layer.stacked_effective_rank == pytest.approx(layer.per_input_effective_rank, rel=1e-5)
         assert layer.stacked_effective_rank <= CONFIG.r + 1e-9
