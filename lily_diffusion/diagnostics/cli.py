@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,11 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; give a folder"
+    parent = next(p for p in out.absolute().parents if p.exists()) if not out.exists() else out
+    if not parent.is_dir():
+        return f"--out {out} is under {parent}, which is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write under {parent}"
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         return "the plots need matplotlib: pip install 'lily_diffusion[diagnostics]', or pass --no_plots"
     return None

@@ -89,6 +89,10 @@ def read_lora_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LoraLayer]:
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise LoraFileError(f"{path}: LoRA layer {name} holds non-finite values (NaN or infinity).")
         layers[name] = LoraLayer(down, up, _scale(tensors, metadata, name, down.shape[0]))
+    if not layers and any(key.startswith(("lora_unet_", "lora_te")) for key in tensors):
+        raise LoraFileError(
+            f"{path} is a Kohya-format LoRA; save it in the diffusers layout (peft keys) to inspect it."
+        )
     if not layers:
         raise LoraFileError(
             f"{path} holds no LoRA layers (no '.lora.down.weight'/'.lora_A.weight' keys with their up/B pairs)."

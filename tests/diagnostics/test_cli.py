@@ -93,6 +93,7 @@ def test_bad_inputs_are_refused_with_one_line(files, tiny_sdxl_dir, tmp_path, ca
     assert "given without --pipeline" in error_line(capsys, [str(lily), "--prompts", "a star"])
     assert "multiple of 8" in error_line(capsys, [str(lily), *pipeline, "--resolution", "12"])
     assert "is a file" in error_line(capsys, [str(lily), "--no_plots", "--out", str(lora)])
+    assert "which is a file" in error_line(capsys, [str(lily), "--no_plots", "--out", str(lora / "sub")])
     assert "not a diffusers pipeline folder" in error_line(
         capsys, [str(lily), "--pipeline", str(tmp_path), "--no_plots"]
     )

@@ -95,9 +95,16 @@ def test_unusable_lora_files_are_refused(unet, tmp_path):
             "unet.x.lora_B.weight": torch.zeros(4, 2),
             "unet.x.lora_magnitude_vector": torch.ones(4),
         },
+        "kohya": {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
         "nan": {"unet.x.lora_A.weight": torch.full((2, 4), float("nan")), "unet.x.lora_B.weight": torch.zeros(4, 2)},
     }
-    messages = {"empty": "no LoRA layers", "unpaired": "no matching up", "dora": "DoRA", "nan": "non-finite"}
+    messages = {
+        "empty": "no LoRA layers",
+        "unpaired": "no matching up",
+        "dora": "DoRA",
+        "kohya": "Kohya",
+        "nan": "non-finite",
+    }
     for name, tensors in cases.items():
         path = tmp_path / f"{name}.safetensors"
         save_file(tensors, str(path))
