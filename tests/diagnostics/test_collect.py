@@ -66,3 +66,23 @@ def test_input_dependent_mixes_reach_above_rank_r(pipe, tmp_path):
     save_lily_weights(tmp_path, unet=pipe.unet)
     uses = expert_use(lily_weight_stats(tmp_path).pools, layers)
     assert all(use.mean_weights is not None and sum(use.mean_weights) == pytest.approx(1.0) for use in uses)
+
+
+def test_recorded_mixes_are_the_ones_the_layer_applies(pipe):
+    """For one layer and every call: output - base output == (A x) @ (scaling · Σ_e p_e B_e) with the recorded p."""
+    adapter = add_lily(pipe.unet, LilyConfig(r=2, stride_A=2, num_B=3, scaling=0.5, init_weights=False))
+    path, layer = next(iter(adapter.layers.items()))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    try:
+        activations = collect_mixes(pipe, PROMPTS, num_inference_steps=2)
+    finally:
+        handle.remove()
+    slot = adapter.layout.slots[path]
+    A, B = adapter.lily_A[slot.a_index].detach(), adapter.lily_B[slot.group].detach()
+    recorded = activations.mixes[f"unet.{path}"]
+    assert len(seen) == recorded.shape[0] == 2
+    for (x, output), p in zip(seen, recorded, strict=True):
+        delta = output - torch.nn.functional.linear(x, layer.weight, layer.bias)
+        expected = torch.einsum("btr,bro->bto", x.flatten(1, -2) @ A.t(), 0.5 * torch.einsum("be,ero->bro", p, B))
+        assert torch.allclose(delta.flatten(1, -2), expected, atol=1e-5)
