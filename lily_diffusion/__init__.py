@@ -11,6 +11,7 @@ from .pipeline import (
     fuse_lily,
     load_lily_weights,
     set_lily_adapter,
+    set_lily_adapters,
     set_lily_scale,
     unload_lily_weights,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "remove_lily",
     "save_lily_weights",
     "set_lily_adapter",
+    "set_lily_adapters",
     "set_lily_scale",
     "unload_lily_weights",
 ]

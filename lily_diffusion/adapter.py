@@ -9,10 +9,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import LilyConfig
+from .features import attention_parents, call_scale_of, offload, offload_hooks, onload, wrap_fused_projections
 from .functional import add_lily_, lily_delta
 from .layer import LilyLinear, LilyMergeError
 from .projection_cache import DownProjectionCache
 from .sharing import ADAPTERS_ATTRIBUTE, LayerSlot, LilyLayout, build_layout
+from .wrappers import linear_at, replace_linear
 
 
 class LilyAdapter(nn.Module):
@@ -28,6 +30,10 @@ class LilyAdapter(nn.Module):
         self.config = config
         self.layout = layout
         self.scale = 1.0
+        self.call_scale = 1.0  # `cross_attention_kwargs={"scale": s}` of the forward in progress (see features)
+        self._outer_call_scale = 1.0
+        self._offloaded: list[tuple[nn.Module, object]] = []
+        self.attention_modules: list[nn.Module] = []
         self.enabled = True
         self.layers: dict[str, LilyLinear] = {}  # module path -> wrapped layer (not owned)
         self.cache = DownProjectionCache()  # h = A x reused by the layers of one A with the same input
@@ -62,24 +68,43 @@ class LilyAdapter(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def add_to(self, result: torch.Tensor, x: torch.Tensor, slot: LayerSlot) -> torch.Tensor:
-        """`result + delta(x)` for one layer, written into `result` (the base output) in place."""
+    def add_to(self, result: torch.Tensor, x: torch.Tensor, slot: LayerSlot, weight: float = 1.0) -> torch.Tensor:
+        """`result + weight * delta(x)` for one layer, written into `result` (the base output) in place."""
+        multiplier = self.config.scaling * self.scale * self.call_scale * weight
+        if multiplier == 0.0:
+            return result
         A = self.lily_A[slot.a_index]
         return add_lily_(
             result,
             self.cache.down_project(slot.a_index, x, A),
             self.lily_router[slot.router_index],
             self.lily_B[slot.group],
-            self.config.scaling * self.scale,
+            multiplier,
             self.config.routing,
         )
 
     def attach_hooks(self, model: nn.Module) -> None:
-        """Open the down-projection cache for the duration of each forward of `model`."""
+        """Hooks around each forward of `model`: the call's LoRA scale, fused q/k/v, offload, the cache."""
+        self.attention_modules = attention_parents(model, self.layers)
         self.hooks = [
-            model.register_forward_pre_hook(self.cache.open),
-            model.register_forward_hook(self.cache.close, always_call=True),
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, always_call=True),
         ]
+
+    def _before_forward(self, model: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        wrap_fused_projections(self.attention_modules)
+        self._offloaded = offload_hooks(self)
+        onload(self._offloaded)
+        self._outer_call_scale = self.call_scale
+        scale = call_scale_of(kwargs)
+        if scale is not None:
+            self.call_scale = scale
+        self.cache.open()
+
+    def _after_forward(self, model: nn.Module, args: tuple[object, ...], output: object) -> None:
+        self.cache.close()
+        self.call_scale = self._outer_call_scale
+        offload(self._offloaded)
 
     def detach_hooks(self) -> None:
         for handle in self.hooks:
@@ -141,16 +166,16 @@ def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default"
         )
     config.validate()
     layout = build_layout(model, config)
-    first_layer = model.get_submodule(layout.groups[0].paths[0])
+    first_layer = linear_at(model, layout.groups[0].paths[0])
     adapter = LilyAdapter(config, layout, device=first_layer.weight.device)
     for path, slot in layout.slots.items():
-        layer = model.get_submodule(path)
+        layer = linear_at(model, path)
         if not isinstance(layer, LilyLinear):
             layer = LilyLinear(layer)
-            _replace_submodule(model, path, layer)
+            replace_linear(model, path, layer)
         layer.adapters[adapter_name] = adapter
         layer.slots[adapter_name] = slot
-        layer.active_adapter = adapter_name
+        layer.active_adapters = {adapter_name: 1.0}
         adapter.layers[path] = layer
     if not isinstance(getattr(model, ADAPTERS_ATTRIBUTE, None), nn.ModuleDict):
         setattr(model, ADAPTERS_ATTRIBUTE, nn.ModuleDict())
@@ -169,10 +194,9 @@ def remove_lily(model: nn.Module, adapter_name: str | None = None) -> None:
         for path, layer in adapter.layers.items():
             del layer.adapters[name]
             del layer.slots[name]
-            if layer.active_adapter == name:
-                layer.active_adapter = None
-            if not layer.adapters:
-                _replace_submodule(model, path, layer.restored_layer())
+            layer.active_adapters.pop(name, None)
+            if not layer.adapters and linear_at(model, path) is layer:
+                replace_linear(model, path, layer.restored_layer())
         adapter.layers = {}
         adapter.detach_hooks()
         del getattr(model, ADAPTERS_ATTRIBUTE)[name]
@@ -181,17 +205,20 @@ def remove_lily(model: nn.Module, adapter_name: str | None = None) -> None:
 
 
 def activate_lily(model: nn.Module, adapter_name: str | None) -> None:
-    """Make `adapter_name` the active adapter of every Lily layer (None: none active)."""
-    if adapter_name is not None:
-        get_lily_adapter(model, adapter_name)
+    """Make `adapter_name` the only active adapter of every Lily layer, with weight 1 (None: none active)."""
+    activate_lily_stack(model, {} if adapter_name is None else {adapter_name: 1.0})
+
+
+def activate_lily_stack(model: nn.Module, weights: dict[str, float]) -> None:
+    """Make exactly the adapters in `weights` active on every Lily layer, each with its weight.
+
+    A layer adds `sum_i weights[i] * delta_i(x)` over the named adapters it carries.
+    """
+    for name in weights:
+        get_lily_adapter(model, name)
     for adapter in lily_adapters(model).values():
         for layer in adapter.layers.values():
-            layer.active_adapter = adapter_name if adapter_name in layer.adapters else None
-
-
-def _replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+            layer.active_adapters = {name: weight for name, weight in weights.items() if name in layer.adapters}
 
 
 def _freeze_all_but_lily(model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""`LilyLinear`: an `nn.Linear` that adds the active Lily adapter's output to its own.
+"""`LilyLinear`: an `nn.Linear` that adds the active Lily adapters' outputs to its own.
 
 It reuses the wrapped layer's `weight` and `bias` Parameters, so the model's own state-dict keys
 do not change, and it keeps the original `nn.Linear` object so `remove_lily` can put it back.
@@ -33,7 +33,11 @@ class LilyMergeError(NotImplementedError):
 
 
 class LilyLinear(nn.Linear):
-    """A Linear layer with Lily adapters attached by name; one of them (or none) is active."""
+    """A Linear layer with Lily adapters attached by name; any number of them are active, each with a weight.
+
+    Output: `W x + b + sum_i weight_i * delta_i(x)` over `active_adapters` (name -> weight), each
+    adapter routing every sample on its own.
+    """
 
     def __init__(self, base_layer: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -45,25 +49,28 @@ class LilyLinear(nn.Linear):
         self.original_layer = _Unregistered(base_layer)
         self.adapters: dict[str, LilyAdapter] = {}
         self.slots: dict[str, LayerSlot] = {}
-        self.active_adapter: str | None = None
+        self.active_adapters: dict[str, float] = {}
 
-    @property
-    def base_layer(self) -> nn.Linear:
-        return self.original_layer.value
+    # No `base_layer` attribute on purpose: peft and diffusers follow `base_layer` chains to find the
+    # plain Linear under a wrapper (unload, merge), which would silently drop Lily from a LoRA-wrapped layer.
 
     def restored_layer(self) -> nn.Linear:
         """The original Linear, pointing at this layer's current weight and bias."""
-        base = self.base_layer
+        base = self.original_layer.value
         base.weight = self.weight
         base.bias = self.bias
         return base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
-        adapter = self.adapters.get(self.active_adapter) if self.active_adapter is not None else None
-        if adapter is None or not adapter.enabled:
-            return result
-        return adapter.add_to(result, x, self.slots[self.active_adapter])
+        return self.add_adapters(F.linear(x, self.weight, self.bias), x)
+
+    def add_adapters(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result + sum_i weight_i * delta_i(x)` over the active, enabled adapters (in place where possible)."""
+        for name, weight in self.active_adapters.items():
+            adapter = self.adapters[name]
+            if adapter.enabled:
+                result = adapter.add_to(result, x, self.slots[name], weight)
+        return result
 
     def merge(self, *args: object) -> None:
         raise LilyMergeError()
@@ -75,7 +82,7 @@ class LilyLinear(nn.Linear):
         raise LilyMergeError()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lily_adapters={list(self.adapters)}, active={self.active_adapter!r}"
+        return f"{super().extra_repr()}, lily_adapters={list(self.adapters)}, active={self.active_adapters!r}"
 
 
 class _Unregistered:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 from torch import nn
 
-from .adapter import LilyAdapter, activate_lily, add_lily, get_lily_adapter, lily_adapters, remove_lily
+from .adapter import (
+    LilyAdapter,
+    activate_lily,
+    activate_lily_stack,
+    add_lily,
+    get_lily_adapter,
+    lily_adapters,
+    remove_lily,
+)
 from .config import check_multiplier
+from .features import follow_lora_scale
 from .layer import LilyMergeError
 from .serialization import COMPONENTS, LilyComponentWeights, check_fits, copy_into_adapter, read_lily_file
 
@@ -52,6 +62,7 @@ def load_lily_weights(
         adapter = add_lily(model, weights.config, adapter_name)
         copy_into_adapter(adapter, weights.tensors)
         adapter.scale = scale
+    follow_pipeline_scale(pipe_or_model)
     logger.info("Loaded Lily adapter %r into %s.", adapter_name, ", ".join(targets))
 
 
@@ -113,8 +124,14 @@ def set_lily_scale(pipe_or_model: object, scale: float, adapter_name: str | None
         adapter.scale = scale
 
 
-def set_lily_adapter(pipe_or_model: object, adapter_name: str | None) -> None:
-    """Make `adapter_name` the active Lily adapter of every component that has it (None: no adapter)."""
+def set_lily_adapter(pipe_or_model: object, adapter_name: str | list[str] | tuple[str, ...] | None) -> None:
+    """Make `adapter_name` the active Lily adapter of every component that has it (None: no adapter).
+
+    A list of names activates them all with weight 1 (`set_lily_adapters`).
+    """
+    if isinstance(adapter_name, list | tuple):
+        set_lily_adapters(pipe_or_model, adapter_name)
+        return
     models = [
         m for m in components_of(pipe_or_model).values() if adapter_name is None or adapter_name in lily_adapters(m)
     ]
@@ -123,6 +140,58 @@ def set_lily_adapter(pipe_or_model: object, adapter_name: str | None) -> None:
     for model in components_of(pipe_or_model).values():
         if lily_adapters(model):
             activate_lily(model, adapter_name if adapter_name in lily_adapters(model) else None)
+
+
+def set_lily_adapters(
+    model_or_pipe: object,
+    adapter_names: str | Sequence[str],
+    adapter_weights: float | Sequence[float] | None = None,
+) -> None:
+    """Activate several Lily adapters at once: each adapted layer outputs `W x + sum_i w_i * delta_i(x)`.
+
+    Like diffusers' `set_adapters`: `adapter_weights` is one number for all, one per name, or None
+    (1.0 each); every adapter keeps its own per-sample routing and its `set_lily_scale`. Adapters
+    not named are switched off (still loaded). Everything is checked before anything changes.
+    """
+    weights = stack_weights(adapter_names, adapter_weights)
+    components = components_of(model_or_pipe)
+    loaded = {name for model in components.values() for name in lily_adapters(model)}
+    unknown = [name for name in weights if name not in loaded]
+    if unknown:
+        raise ValueError(f"No Lily adapter named {unknown} is loaded here; loaded: {sorted(loaded) or 'none'}.")
+    for model in components.values():
+        if lily_adapters(model):
+            activate_lily_stack(model, {name: w for name, w in weights.items() if name in lily_adapters(model)})
+    follow_pipeline_scale(model_or_pipe)
+
+
+def stack_weights(
+    adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None
+) -> dict[str, float]:
+    """`{name: weight}` from `set_lily_adapters`' arguments, or one `ValueError`/`TypeError` sentence."""
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"adapter_names must be a name or a list of names, got {adapter_names!r}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter_names lists an adapter more than once: {list(names)}.")
+    if adapter_weights is None or isinstance(adapter_weights, int | float):
+        weights = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+    elif isinstance(adapter_weights, list | tuple):
+        weights = list(adapter_weights)
+    else:
+        raise TypeError(f"adapter_weights must be a number or a list of numbers, got {type(adapter_weights).__name__}.")
+    if len(weights) != len(names):
+        raise ValueError(
+            f"adapter_weights has {len(weights)} entries for {len(names)} adapter_names; give one weight per name."
+        )
+    return {name: check_multiplier(f"adapter_weights[{name!r}]", w) for name, w in zip(names, weights, strict=True)}
+
+
+def follow_pipeline_scale(pipe_or_model: object) -> None:
+    """On a pipeline, make `cross_attention_kwargs={"scale": s}` reach the text encoders' Lily adapters too."""
+    if not isinstance(pipe_or_model, nn.Module):
+        components = components_of(pipe_or_model)
+        follow_lora_scale(pipe_or_model, [components.get("text_encoder"), components.get("text_encoder_2")])
 
 
 def disable_lily(pipe_or_model: object, adapter_name: str | None = None) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from .config import LilyConfig
 from .layer import LilyLinear
 from .patterns import PatternMatcher
+from .wrappers import is_peft_layer, linear_at
 
 ADAPTERS_ATTRIBUTE = "lily_adapters"  # where add_lily registers the adapters on the model
 
@@ -119,20 +120,25 @@ def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, n
     found: list[tuple[str, str, nn.Linear]] = []
     targets, excludes = _lookup(config.target_modules), _lookup(config.exclude_modules)
     matcher = PatternMatcher()
+    inside_peft = "\0"  # path prefix of the peft wrapper being walked (its children are its own)
     for path, module in model.named_modules():
-        if not path or path.split(".")[0] == ADAPTERS_ATTRIBUTE:
+        if not path or path.split(".")[0] == ADAPTERS_ATTRIBUTE or path.startswith(inside_peft):
             continue
+        if is_peft_layer(module):
+            inside_peft = path + "."
         target = target_name(path, targets, matcher)
         if target is None or is_excluded(path, excludes, matcher):
             continue
-        # Exactly nn.Linear (or our wrapper of one): a subclass with its own forward (quantized, LoRA, ...)
+        linear = linear_at(model, path)  # under a LoRA wrapper: its base layer
+        # Exactly nn.Linear (or our wrapper of one): a subclass with its own forward (quantized, ...)
         # would be silently bypassed by LilyLinear's F.linear.
-        if type(module) not in (nn.Linear, LilyLinear):
+        if type(linear) not in (nn.Linear, LilyLinear):
             raise TypeError(
                 f"Lily can only adapt nn.Linear layers, but target {target!r} matched {path!r} "
-                f"of type {type(module).__name__}. Narrow target_modules or add it to exclude_modules."
+                f"of type {type(linear).__module__}.{type(linear).__name__}. "
+                "Narrow target_modules or add it to exclude_modules."
             )
-        found.append((path, target, module))
+        found.append((path, target, linear))
     if not found:
         linear_names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
         raise ValueError(

@@ -120,7 +120,7 @@ def test_second_adapter_gets_its_own_sharing(unet):
     path = first.layout.groups[0].paths[0]
     layer = unet.get_submodule(path)
     assert set(layer.adapters) == {"first", "second"}
-    assert layer.adapters["second"] is second and layer.active_adapter == "second"
+    assert layer.adapters["second"] is second and layer.active_adapters == {"second": 1.0}
     assert distinct(second.parameters()) == 16 + 4 + 64
 
 
