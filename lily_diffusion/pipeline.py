@@ -179,7 +179,8 @@ def stack_weights(
     elif isinstance(adapter_weights, list | tuple):
         weights = list(adapter_weights)
     else:
-        raise TypeError(f"adapter_weights must be a number or a list of numbers, got {type(adapter_weights).__name__}.")
+        kind = type(adapter_weights).__name__
+        raise TypeError(f"adapter_weights must be a number or a list of numbers, got {kind}.")
     if len(weights) != len(names):
         raise ValueError(
             f"adapter_weights has {len(weights)} entries for {len(names)} adapter_names; give one weight per name."

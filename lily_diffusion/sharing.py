@@ -135,7 +135,7 @@ def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, n
         if type(linear) not in (nn.Linear, LilyLinear):
             raise TypeError(
                 f"Lily can only adapt nn.Linear layers, but target {target!r} matched {path!r} "
-                f"of type {type(linear).__module__}.{type(linear).__name__}. "
+                f"of type {type(linear).__name__}{'' if linear is module else ' (under a peft wrapper)'}. "
                 "Narrow target_modules or add it to exclude_modules."
             )
         found.append((path, target, linear))

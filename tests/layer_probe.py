@@ -12,11 +12,13 @@ from torch import nn
 from lily_diffusion.layer import LilyLinear
 from lily_diffusion.wrappers import linear_at
 
+Call = tuple[torch.Tensor, torch.Tensor]
+
 
 @contextmanager
-def recorded_layers(model: nn.Module, paths: list[str]) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+def recorded_layers(model: nn.Module, paths: list[str]) -> Iterator[dict[str, list[Call]]]:
     """`{path: [(input, output), ...]}` of the module at each path (the outermost wrapper) while inside."""
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {path: [] for path in paths}
+    records: dict[str, list[Call]] = {path: [] for path in paths}
     handles = [
         model.get_submodule(path).register_forward_hook(
             lambda _m, args, output, path=path: records[path].append((args[0].detach(), output.detach()))
