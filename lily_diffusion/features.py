@@ -64,7 +64,7 @@ def follow_lora_scale(pipe: object, text_encoders: Iterable[nn.Module]) -> None:
         lora_scale = kwargs.get("lora_scale")
         adapters = [a for e in encoders for a in lily_adapters(e).values()] if lora_scale is not None else []
         for adapter in adapters:
-            adapter.call_scale = check_multiplier("lora_scale", lora_scale)
+            adapter.call_scale = check_multiplier("lora_scale (cross_attention_kwargs['scale'])", lora_scale)
         try:
             return encode_prompt(*args, **kwargs)
         finally:
