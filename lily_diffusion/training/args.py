@@ -21,9 +21,10 @@ from ..config import TEXT_ENCODER_TARGET_MODULES as DEFAULT_TEXT_ENCODER_TARGETS
 from ..config import UNET_TARGET_MODULES as DEFAULT_UNET_TARGETS
 from ..config import LilyConfig
 from .config_file import config_to_argv, load_config_file
+from .diffusers_flags import apply_lora_defaults, check_lora_flags, check_step_rules
 from .errors import TrainingError
 
-INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
+INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming")
 LILY_DEFAULTS = LilyConfig()
 VAE_SCALE_FACTOR = 8  # SDXL's VAE downsamples by 8: image sides must be multiples of it
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -104,8 +105,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         "--caption_column",
         type=str,
         default=None,
-        help="Caption column: of --dataset_name, or of metadata.jsonl in the instance folder "
-        "(default 'text'). Images without a caption use --instance_prompt.",
+        help="Caption column: of --dataset_name, or of metadata.jsonl in the instance folder (a .txt beside an "
+        "image not listed there also counts). Without it every image uses --instance_prompt, as in diffusers.",
     )
     g.add_argument("--repeats", type=int, default=1, help="How many times to repeat the instance images.")
     g.add_argument(
@@ -187,9 +188,9 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
         metavar="RANK",
         help="Pick the largest Lily r whose parameter count is not above LoRA at this rank (default: off).",
     )
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    g.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4; an error with --adapter lily).")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: --rank).")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    g.add_argument("--lora_dropout", type=float, default=None, help="LoRA dropout (default 0).")
     g.add_argument("--use_dora", action="store_true", help="Train DoRA instead of LoRA (with --adapter lora).")
     g.add_argument(
         "--output_kohya_format", action="store_true", help="Also write the LoRA in Kohya format (with --adapter lora)."
@@ -216,6 +217,13 @@ def _add_optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the scheduler.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    g.add_argument(
+        "--lr_step_rules",
+        type=str,
+        default=None,
+        help="Rules of --lr_scheduler piecewise_constant, as in diffusers: '1:100,0.1:200,0.01' is a multiplier "
+        "of 1 before step 100, 0.1 before step 200, then 0.01.",
+    )
     g.add_argument("--optimizer", type=str.lower, default="adamw", choices=["adamw", "prodigy"], help="Optimizer.")
     g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="beta1 of AdamW and Prodigy.")
@@ -383,7 +391,6 @@ def _check_counts(args: argparse.Namespace) -> None:
         "validation_epochs",
         "num_validation_inference_steps",
         "lr_num_cycles",
-        "rank",
     )
     positive_or_none = (
         "max_train_steps",
@@ -394,6 +401,7 @@ def _check_counts(args: argparse.Namespace) -> None:
         "lily_num_B",
         "match_lora_budget",
         "lora_alpha",
+        "rank",
     )
     for name in positive:
         if getattr(args, name) < 1:
@@ -457,8 +465,9 @@ def _check_choices(args: argparse.Namespace) -> None:
         raise TrainingError("--use_dora and --output_kohya_format need --adapter lora")
     if args.adapter != "lily" and args.match_lora_budget is not None:
         raise TrainingError("--match_lora_budget needs --adapter lily")
-    if args.lr_scheduler == "piecewise_constant":
-        raise TrainingError("--lr_scheduler piecewise_constant needs step rules, which this script does not take")
+    check_step_rules(args)
+    check_lora_flags(args)
+    apply_lora_defaults(args)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise TrainingError("give --overwrite_output_dir (start over) or --resume_from_checkpoint (go on), not both")
 
@@ -524,7 +533,6 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
             ("lily_r", "lily_stride_A", "lily_num_B", "lily_scaling", "lily_routing"),
             "with --adapter lora",
         ),
-        (args.adapter != "lora", ("rank", "lora_alpha", "lora_dropout"), "with --adapter lily"),
         (args.match_lora_budget is not None, ("lily_r",), "with --match_lora_budget (it picks r)"),
         (
             args.optimizer != "prodigy",
@@ -532,6 +540,8 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
             "without --optimizer prodigy",
         ),
         (scheduler == "constant", ("lr_warmup_steps",), "with --lr_scheduler constant (use constant_with_warmup)"),
+        (scheduler == "piecewise_constant", ("lr_warmup_steps",), "with --lr_scheduler piecewise_constant"),
+        (scheduler != "piecewise_constant", ("lr_step_rules",), "without --lr_scheduler piecewise_constant"),
         (scheduler != "cosine_with_restarts", ("lr_num_cycles",), "without --lr_scheduler cosine_with_restarts"),
         (scheduler != "polynomial", ("lr_power",), "without --lr_scheduler polynomial"),
         (args.dataset_name is None, ("dataset_config_name", "cache_dir", "image_column"), "without --dataset_name"),

@@ -31,6 +31,7 @@ RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,  # torchvision's NEAREST_EXACT on a PIL image is PIL's NEAREST
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
@@ -257,9 +258,15 @@ def load_instance_records(
     folder: str | Path, instance_prompt: str, caption_column: str | None, resolution: int | None = None
 ) -> list[ImageRecord]:
     """Instance images with their captions (falling back to `instance_prompt`); errors if none is readable,
-    or if one has an absurd size at `resolution`."""
+    or if one has an absurd size at `resolution`.
+
+    As in diffusers' DreamBooth scripts, every image takes `instance_prompt` unless `caption_column` is
+    given; then captions come from that column of `metadata.jsonl`, or a `.txt` beside the image."""
     path = check_folder(folder, "--instance_data_dir")
-    captions = read_captions(path, caption_column)
+    if caption_column is None:
+        captions: dict[str, str] | None = None
+    else:
+        captions = read_captions(path, caption_column)
     readable, skipped = scan_images(path, "instance", resolution)
     if not readable:
         detail = f" ({len(skipped)} unreadable: {', '.join(skipped[:5])})" if skipped else ""
@@ -267,7 +274,7 @@ def load_instance_records(
     records = []
     n_captioned = 0
     for image_path, size in readable:
-        caption = captions.get(image_path.name) or sidecar_caption(image_path)
+        caption = None if captions is None else captions.get(image_path.name) or sidecar_caption(image_path)
         n_captioned += caption is not None
         records.append(ImageRecord(image_path, size, caption or instance_prompt))
     logger.info(f"{len(records)} instance images, {n_captioned} with their own caption")

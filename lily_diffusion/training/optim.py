@@ -10,6 +10,7 @@ from accelerate.logging import get_logger
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from .diffusers_flags import scaled_step_rules
 from .errors import TrainingError
 
 logger = get_logger(__name__)
@@ -84,6 +85,7 @@ def build_lr_scheduler(
         num_training_steps=max_train_steps * num_processes,
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
+        step_rules=scaled_step_rules(args.lr_step_rules, num_processes),
     )
 
 

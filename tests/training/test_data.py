@@ -75,9 +75,14 @@ def test_scan_skips_unreadable_files_with_a_warning(odd_images_dir, caplog):
 
 
 def test_captions_from_metadata_then_txt_then_instance_prompt(captioned_dir):
-    records = load_instance_records(captioned_dir, "a photo of sks", None)
+    records = load_instance_records(captioned_dir, "a photo of sks", "text")
     prompts = {r.path.name: r.prompt for r in records}
     assert prompts == {"a.png": "a photo of sks star", "b.png": "a photo of sks circle", "c.png": "a photo of sks"}
+
+
+def test_without_caption_column_every_image_takes_the_instance_prompt_like_diffusers(captioned_dir):
+    records = load_instance_records(captioned_dir, "a photo of sks", None)
+    assert {r.path.name: r.prompt for r in records} == dict.fromkeys(("a.png", "b.png", "c.png"), "a photo of sks")
 
 
 def test_caption_column_errors(tmp_path):

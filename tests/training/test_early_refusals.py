@@ -186,6 +186,7 @@ def test_unreadable_instance_folder_is_one_line(run_cli, tmp_path):
 def test_unreadable_caption_files_are_one_line(tmp_path):
     prefix = _without_file_powers(tmp_path)
     folder = _image_folder(tmp_path / "instance", (20, 20), (20, 20))
+    (folder / "metadata.jsonl").write_text("")  # captions are read with --caption_column only
     (folder / "img0.txt").write_text("a photo of sks star\n")
     (folder / "img0.txt").chmod(0)
     (folder / "img1.png").chmod(0)
@@ -195,7 +196,7 @@ def test_unreadable_caption_files_are_one_line(tmp_path):
         "from lily_diffusion.training.data import load_instance_records\n"
         "from lily_diffusion.training.errors import TrainingError\n"
         "try:\n"
-        f"    load_instance_records({str(folder)!r}, 'p', None, 16)\n"
+        f"    load_instance_records({str(folder)!r}, 'p', 'text', 16)\n"
         "except TrainingError as err:\n"
         "    print(err)\n"
     )
@@ -285,7 +286,7 @@ def test_caption_values_must_be_strings(tmp_path, value, described):
 def test_bad_caption_file_stops_the_cli(run_cli, tmp_path):
     folder = _image_folder(tmp_path / "instance")
     (folder / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": null}\n')
-    result = run_cli(_cli_args(tmp_path, folder), launcher="python")
+    result = run_cli(_cli_args(tmp_path, folder, "--caption_column", "text"), launcher="python")
     assert result.returncode == 1
     expected = f"error: {folder / 'metadata.jsonl'}, line 1: caption 'text' must be a string, got null"
     assert _last_error(result) == expected
@@ -329,7 +330,19 @@ def test_bad_caption_file_stops_the_cli(run_cli, tmp_path):
         (["--lora_alpha", "0", "--adapter", "lora"], "--lora_alpha must be at least 1, got 0"),
         (["--lr_num_cycles", "0"], "--lr_num_cycles must be at least 1, got 0"),
         (["--lr_warmup_steps", "-5"], "--lr_warmup_steps cannot be negative, got -5"),
-        (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler piecewise_constant needs step rules"),
+        (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler piecewise_constant needs --lr_step_rules, e.g."),
+        (
+            ["--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:10,fast"],
+            "--lr_step_rules must look like '1:100,0.1:200,0.01' (multiplier:step pairs, then the final multiplier)",
+        ),
+        (["--lr_step_rules", "1:10,1:10,0.1"], "--lr_step_rules steps must be distinct positive whole numbers"),
+        (["--lr_step_rules", "nan:10,0.1"], "--lr_step_rules multipliers must be finite and non-negative"),
+        (
+            ["--rank", "8", "--lora_dropout", "0.1"],
+            "--rank, --lora_dropout are LoRA settings with no Lily equivalent: size Lily with --lily_r (or "
+            "--match_lora_budget RANK",
+        ),
+        (["--lora_alpha", "8"], "--lora_alpha is a LoRA setting with no Lily equivalent"),
         (["--target_modules", "to_q", "attn1.*"], "--target_modules: 'attn1.*' is a regex, which must be the only"),
         (["--target_modules", "to_(q"], "--target_modules 'to_(q' is not a valid regex: missing ), unterminated"),
     ],
@@ -408,7 +421,7 @@ def test_help_shows_every_default():
 def test_flags_that_do_nothing_are_named():
     args = parse_args([
         *REQUIRED, "--validation_steps", "5", "--class_prompt", "a star", "--class_data_dir", "c",
-        "--lr_warmup_steps", "10", "--rank", "8", "--prodigy_decouple=false", "--hub_token", "hf_x",
+        "--lr_warmup_steps", "10", "--lr_step_rules", "1:5,0.1", "--prodigy_decouple=false", "--hub_token", "hf_x",
         "--num_train_epochs", "3", "--max_train_steps", "9", "--text_encoder_lr", "1e-5",
     ])  # fmt: skip
     assert ignored_flags(args) == [
@@ -416,9 +429,9 @@ def test_flags_that_do_nothing_are_named():
         "--class_data_dir is ignored without --with_prior_preservation",
         "--class_prompt is ignored without --with_prior_preservation",
         "--text_encoder_lr is ignored without --train_text_encoder",
-        "--rank is ignored with --adapter lily",
         "--prodigy_decouple is ignored without --optimizer prodigy",
         "--lr_warmup_steps is ignored with --lr_scheduler constant (use constant_with_warmup)",
+        "--lr_step_rules is ignored without --lr_scheduler piecewise_constant",
         "--hub_token is ignored without --push_to_hub",
         "--num_train_epochs is ignored with --max_train_steps",
     ]

@@ -108,8 +108,9 @@ def test_lily_text_encoders_captions_bf16(run_cli, base_args, lily_args, caption
     out = tmp_path / "out"
     result = run_cli([
         *base_args, *lily_args,
-        "--instance_data_dir", captioned_dir, "--instance_prompt", PROMPT, "--output_dir", out,
-        "--max_train_steps", "2", "--learning_rate", "1e-2", "--train_text_encoder", "--text_encoder_lr", "1e-2",
+        "--instance_data_dir", captioned_dir, "--caption_column", "text", "--instance_prompt", PROMPT,
+        "--output_dir", out, "--max_train_steps", "2", "--learning_rate", "1e-2", "--train_text_encoder",
+        "--text_encoder_lr", "1e-2",
         "--dataloader_num_workers", "1", "--mixed_precision", "bf16", "--gradient_checkpointing",
         "--validation_prompt", PROMPT, "--num_validation_images", "1",
     ])  # fmt: skip

@@ -1,0 +1,72 @@
+"""Flags that mean what they mean in diffusers' `train_dreambooth_lora_sdxl.py`, checked in one place.
+
+- `--rank`, `--lora_alpha`, `--lora_dropout` are LoRA settings: with `--adapter lily` they are an
+  error (not silently ignored); `--match_lora_budget RANK` is the way to size Lily after a LoRA rank.
+- `--lr_scheduler piecewise_constant` takes diffusers' step rules (`--lr_step_rules`), e.g.
+  `1:100,0.1:200,0.01`: multiplier 1 before step 100, 0.1 before step 200, then 0.01. Steps count
+  optimizer steps, as in a single-process run, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .errors import TrainingError
+
+LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout")
+LORA_DEFAULTS = {"rank": 4, "lora_dropout": 0.0}  # diffusers' defaults; lora_alpha defaults to the rank
+
+
+def check_lora_flags(args: argparse.Namespace) -> None:
+    """LoRA-only flags given with `--adapter lily` are an error (one sentence)."""
+    given = [f"--{name}" for name in LORA_FLAGS if getattr(args, name) is not None]
+    if args.adapter == "lily" and given:
+        raise TrainingError(
+            f"{', '.join(given)} {'is a LoRA setting' if len(given) == 1 else 'are LoRA settings'} with no Lily "
+            "equivalent: size Lily with --lily_r (or --match_lora_budget RANK for the largest Lily not above a "
+            "rank-RANK LoRA's parameter count), or train --adapter lora"
+        )
+
+
+def apply_lora_defaults(args: argparse.Namespace) -> None:
+    """Fill in diffusers' LoRA defaults for the flags left unset (after `check_lora_flags`)."""
+    for name, default in LORA_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def parse_step_rules(rules: str) -> tuple[list[tuple[float, int]], float]:
+    """`"m1:s1,m2:s2,...,m_last"` as diffusers' piecewise_constant reads it, or a TrainingError sentence."""
+    parts = [part.strip() for part in rules.split(",")]
+    try:
+        pairs = [(float(m), int(s)) for m, s in (part.split(":") for part in parts[:-1])]
+        last = float(parts[-1])
+    except ValueError:
+        raise TrainingError(
+            f"--lr_step_rules must look like '1:100,0.1:200,0.01' (multiplier:step pairs, then the final "
+            f"multiplier), got {rules!r}"
+        ) from None
+    multipliers = [m for m, _ in pairs] + [last]
+    if not all(math.isfinite(m) and m >= 0 for m in multipliers):
+        raise TrainingError(f"--lr_step_rules multipliers must be finite and non-negative, got {rules!r}")
+    steps = [s for _, s in pairs]
+    if any(s < 1 for s in steps) or len(set(steps)) != len(steps):
+        raise TrainingError(f"--lr_step_rules steps must be distinct positive whole numbers, got {rules!r}")
+    return pairs, last
+
+
+def check_step_rules(args: argparse.Namespace) -> None:
+    """`--lr_scheduler piecewise_constant` needs `--lr_step_rules`, and the rules must parse."""
+    if args.lr_scheduler == "piecewise_constant" and not args.lr_step_rules:
+        raise TrainingError("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. '1:100,0.1:200,0.01'")
+    if args.lr_step_rules:
+        parse_step_rules(args.lr_step_rules)
+
+
+def scaled_step_rules(rules: str | None, num_processes: int) -> str | None:
+    """The rules with each step times `num_processes` (accelerate steps the scheduler on every process)."""
+    if not rules:
+        return None
+    pairs, last = parse_step_rules(rules)
+    return ",".join([f"{m!r}:{s * num_processes}" for m, s in pairs] + [repr(last)])
