@@ -168,6 +168,10 @@ def test_pipeline_lora_and_lily_in_either_order_and_each_removed_alone(lily_file
     assert (generate(lora_then_lily) - both).abs().max() < 1e-5
     lora_then_lily.unfuse_lora()
     assert (generate(lora_then_lily) - both).abs().max() < 1e-5
+    lily_then_lora.set_adapters("default_0", adapter_weights=0.0)  # diffusers' LoRA weights leave Lily alone
+    assert (generate(lily_then_lora) - generate(lily_only)).abs().max() < 1e-5
+    lily_then_lora.set_adapters("default_0", adapter_weights=1.0)
+    assert (generate(lily_then_lora) - both).abs().max() < 1e-5
     lily_then_lora.unload_lora_weights()  # takes LoRA out, leaves Lily in
     assert (generate(lily_then_lora) - generate(lily_only)).abs().max() < 1e-5
     unload_lily_weights(lora_then_lily)  # takes Lily out, leaves LoRA in
@@ -210,6 +214,13 @@ def test_attention_and_vae_features_leave_lily_exact(lily_file, tiny_sdxl_dir, f
     expected = generate(pipeline)
     feature(pipeline)
     assert (generate(pipeline) - expected).abs().max() < 1e-5
+
+
+def test_freeu_changes_the_features_but_every_lily_layer_stays_exact(unet):
+    add_lily(unet, UNET_CONFIG)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+    worst, calls = max_layer_error(unet, Delta(unet))
+    assert calls > 0 and worst < 1e-5
 
 
 # --- offloading ----------------------------------------------------------------------------------------------
