@@ -44,9 +44,11 @@ LEGEND = (
     "(DreamBooth's DINO analogue);\n"
     "- subject similarity: cosine similarity of the object's appearance features to the 5 instance images "
     "(CLIP-I analogue);\n"
-    "- prompt fidelity: fraction of instance-prompt images showing the background named (CLIP-T analogue);\n"
+    "- prompt fidelity: fraction of instance-prompt images showing the background named (CLIP-T analogue), for the "
+    "two backgrounds the instance images show (seen) and the one they never show (unseen: recontextualisation);\n"
     "- class preservation: fraction of class-prompt images that are plain stars, not the subject (language drift).\n"
-    "Values are mean ± standard deviation over the 3 training seeds; train s is the wall time of one training run.\n"
+    "Values are mean ± standard deviation over the training seeds ((n=1): one seed); train s is the wall time of "
+    "one training run.\n"
 )
 
 

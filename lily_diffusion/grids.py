@@ -7,6 +7,7 @@ Works the same on the real SDXL pipeline and the bundled toy one. Lily files loa
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -198,7 +199,7 @@ def labelled_grid(
         cells = [image.resize((cell_size, cell_size), Image.Resampling.NEAREST) for image in cells]
     body = make_image_grid(cells, rows=len(row_labels), cols=len(columns))
     cell_width, cell_height = body.width // len(columns), body.height // len(row_labels)
-    font = ImageFont.load_default()
+    font = fitting_label_font([*column_labels], cell_width)
     measure = ImageDraw.Draw(body)
     left_margin = 8 + max(measure.textlength(label, font=font) for label in row_labels)
     wrapped = [_wrap(label, cell_width, font, measure) for label in column_labels]
@@ -213,6 +214,31 @@ def labelled_grid(
     for index, label in enumerate(row_labels):
         draw.text((4, top_margin + index * cell_height + cell_height // 2 - line_height // 2), label, "black", font)
     return canvas
+
+
+@functools.lru_cache(maxsize=32)
+def label_font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (the TrueType font matplotlib ships) at `size` pixels; Pillow's default font at that size if
+    matplotlib is not installed."""
+    try:
+        from matplotlib import font_manager
+    except ImportError:
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def fitting_label_font(
+    labels: Sequence[str], width: int, largest: int = 13, smallest: int = 7
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The largest `label_font` (from `largest` down to `smallest` pixels) in which every word of `labels` fits
+    `width` pixels with `_wrap`'s margin, so wrapped labels break between words, not inside them."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    words = [word for label in labels for word in label.split()]
+    for size in range(largest, smallest, -1):
+        font = label_font(size)
+        if all(measure.textlength(word, font=font) <= width - 4 for word in words):
+            return font
+    return label_font(smallest)
 
 
 def _wrap(text: str, width: int, font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw) -> list[str]:

@@ -30,7 +30,7 @@ from PIL import Image
 from toyworld.evaluate import ToyEvaluator, parse_prompt
 from toyworld.paths import BASE_MODEL_DIR, REPO
 from toyworld.prompts import attribute_prompts, generate
-from toyworld.subject import CLASS_PROMPT, INSTANCE_PROMPT
+from toyworld.subjects import CLASS_PROMPT, INSTANCE_PROMPT
 
 logger = logging.getLogger("eval_toy_base")
 

@@ -1,7 +1,7 @@
 """A small world where subject-driven generation can be measured on a CPU.
 
 - `render`: deterministic 32x32 captioned renders (shapes x colours x backgrounds);
-- `subject`: the subject the base world never shows ("sks star": orange/purple stripes) and its instance images;
+- `subjects`: the bundled subjects (shape x pattern x colours, `SUBJECTS`) and their instance images;
 - `evaluate` / `classifiers`: an evaluator trained or defined only on ground-truth renders;
 - `base_model`: the components of the toy `StableDiffusionXLPipeline` (`scripts/train_toy_base.py` trains it);
 - `prompts`: fixed prompt sets and seeded generation.
@@ -9,7 +9,7 @@
 
 from .evaluate import ToyEvaluator, parse_prompt
 from .render import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, render, sample_scene
-from .subject import CLASS_PROMPT, INSTANCE_PROMPT, SUBJECT_TOKEN, write_subject_samples
+from .subjects import CLASS_PROMPT, INSTANCE_PROMPT, SUBJECT_TOKEN, SUBJECTS, Subject, write_subject_samples
 
 __all__ = [
     "BACKGROUNDS",
@@ -17,8 +17,10 @@ __all__ = [
     "COLOURS",
     "INSTANCE_PROMPT",
     "SHAPES",
+    "SUBJECTS",
     "SUBJECT_TOKEN",
     "Scene",
+    "Subject",
     "ToyEvaluator",
     "caption",
     "parse_prompt",

@@ -1,4 +1,5 @@
-"""Tiny CNN classifiers trained only on ground-truth renders: shape (4 classes) and subject-vs-not.
+"""Tiny CNN classifiers trained only on ground-truth renders: shape (4 classes) and which subject, if any
+(`SUBJECT_CLASSES`: "none", then every bundled subject).
 
 Training is a pure function of the seed (batches are rendered per step from `numpy.random.default_rng([seed,
 step])`), takes a few minutes per classifier on 2 shared CPU cores, and augments every batch with blur, noise,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,14 +21,14 @@ from torch import nn
 from .render import (
     ALL_COLOURS,
     BACKGROUNDS,
-    EXTRA_COLOURS,
+    PATTERNS,
     SHAPES,
     SIZE,
     compose,
     render_array,
     sample_scene,
 )
-from .subject import SUBJECT_COLOURS, sample_subject_scene
+from .subjects import SUBJECTS, Subject
 
 logger = logging.getLogger(__name__)
 
@@ -98,37 +100,84 @@ def shape_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
     return np.stack(images), labels
 
 
-def near_miss(rng: np.random.Generator) -> np.ndarray:
-    """Something that shares part of the subject's look but is not the subject."""
+SUBJECT_CLASSES: tuple[str, ...] = ("none", *SUBJECTS)  # the subject model's classes: not a subject, then each
+
+
+def subject_label(shape: str, pattern: str, colours: tuple[str, ...]) -> int:
+    """The class of an object: 1 + the index of the subject it is, or 0 (`none`)."""
+    for index, subject in enumerate(SUBJECTS.values(), start=1):
+        if (subject.shape, subject.pattern, subject.colours) == (shape, pattern, tuple(colours)):
+            return index
+    return 0
+
+
+def near_miss(rng: np.random.Generator, subject: Subject) -> tuple[np.ndarray, int]:
+    """Something that shares part of `subject`'s look (shape, colours or pattern), and its class (usually 0)."""
     kind = int(rng.integers(5))
-    if kind == 0:  # a plain star in one of the subject's colours
-        return render_array(sample_scene(rng, shape="star", colour=tuple(EXTRA_COLOURS)[int(rng.integers(2))]))
-    if kind == 4:  # a plain star in any colour at all: one colour is never the two-tone subject
-        scene = sample_scene(rng, shape="star")
+    scene = subject.scene(rng)
+    shape, pattern, colours = subject.shape, subject.pattern, subject.colours
+    if kind == 0:  # its shape, plain, in one of its colours
+        colours = (colours[int(rng.integers(2))],)
+    elif kind == 1:  # its shape, plain, in any colour at all: one colour is never a two-colour subject
         background = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
-        return compose("star", scene.cx, scene.cy, scene.radius, rng.uniform(0, 255, size=(1, 3)), background, 1.0)
-    if kind == 1:  # the subject's stripes on another shape
-        shape = ("circle", "square", "triangle")[int(rng.integers(3))]
-        return render_array(sample_scene(rng, shape=shape, colours=SUBJECT_COLOURS))
-    names = list(ALL_COLOURS)
-    while True:  # a striped star in another colour pair (kind 2) or a half-subject pair (kind 3)
-        pair = tuple(names[i] for i in rng.choice(len(names), size=2, replace=False))
-        if set(pair) != set(SUBJECT_COLOURS) and (kind == 2 or set(pair) & set(SUBJECT_COLOURS)):
-            return render_array(sample_scene(rng, shape="star", colours=pair))
+        image = compose(shape, scene.cx, scene.cy, scene.radius, rng.uniform(0, 255, size=(1, 3)), background, 1.0)
+        return image, 0
+    elif kind == 2:  # its pattern and colours on another shape
+        shape = tuple(s for s in SHAPES if s != subject.shape)[int(rng.integers(len(SHAPES) - 1))]
+    elif kind == 3:  # its shape and pattern in another colour pair (often sharing one of its colours)
+        names = list(ALL_COLOURS)
+        while set(colours) == set(subject.colours):
+            colours = tuple(names[i] for i in rng.choice(len(names), size=2, replace=False))
+    else:  # its shape and colours in another pattern
+        pattern = tuple(p for p in PATTERNS if p != subject.pattern)[int(rng.integers(len(PATTERNS) - 1))]
+    scene = replace(scene, shape=shape, pattern=pattern, colours=colours)
+    return render_array(scene), subject_label(shape, pattern, colours)
 
 
 def subject_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Label 1: the subject anywhere; label 0: the base world (half) or a near miss (half)."""
-    labels = (rng.random(n) < 0.5).astype(np.int64)
-    images = []
-    for label in labels:
-        if label == 1:
-            images.append(render_array(sample_subject_scene(rng)))
-        elif rng.random() < 0.5:
-            images.append(render_array(sample_scene(rng)))
+    """Half the bundled subjects (in turn at random, any background), a quarter base world, a quarter near misses
+    of a random subject; labels index `SUBJECT_CLASSES`."""
+    subjects = list(SUBJECTS.values())
+    images, labels = [], []
+    for _ in range(n):
+        draw, subject = rng.random(), subjects[int(rng.integers(len(subjects)))]
+        if draw < 0.5:
+            image, label = render_array(subject.scene(rng)), 1 + subjects.index(subject)
+        elif draw < 0.75:
+            image, label = render_array(sample_scene(rng)), 0
         else:
-            images.append(near_miss(rng))
-    return np.stack(images), labels
+            image, label = near_miss(rng, subject)
+        images.append(image)
+        labels.append(label)
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def one_subject_batch(subject: Subject) -> BatchFn:
+    """A balanced held-out task for one subject: half its renders (label 1), half others (label 0): the base
+    world, its near misses and the other subjects, a third each."""
+    others = [s for s in SUBJECTS.values() if s != subject]
+
+    def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for i in range(n):
+            if i % 2 == 0:
+                images.append(render_array(subject.scene(rng)))
+                labels.append(1)
+                continue
+            kind = (i // 2) % 3
+            if kind == 0:
+                image = render_array(sample_scene(rng))
+            elif kind == 1:
+                image, label = near_miss(rng, subject)
+                if label:  # a near miss that is another subject is still not this one
+                    image = render_array(others[int(rng.integers(len(others)))].scene(rng))
+            else:
+                image = render_array(others[int(rng.integers(len(others)))].scene(rng))
+            images.append(image)
+            labels.append(0)
+        return np.stack(images), np.array(labels, dtype=np.int64)
+
+    return batch
 
 
 def train_classifier(
@@ -162,3 +211,14 @@ def heldout_accuracy(model: TinyCNN, batch_fn: BatchFn, seed: int, n: int = 2000
         x = degrade(x, torch.Generator().manual_seed(seed + 12345))
     predictions = model(x).argmax(dim=1).numpy()
     return float((predictions == labels).mean())
+
+
+@torch.no_grad()
+def one_subject_accuracy(model: TinyCNN, subject: Subject, seed: int, n: int = 1000, degraded: bool = False) -> float:
+    """Accuracy of "P(`subject`) > 0.5" on `one_subject_batch(subject)` from a seed never used in training."""
+    images, labels = one_subject_batch(subject)(np.random.default_rng([seed, 10**9]), n)
+    x = to_unit(images)
+    if degraded:
+        x = degrade(x, torch.Generator().manual_seed(seed + 12345))
+    probability = model(x).softmax(dim=1)[:, SUBJECT_CLASSES.index(subject.name)].numpy()
+    return float(((probability > 0.5) == labels).mean())

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,13 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lily_diffusion.grids import GridAdapter, comparison_grid, describe_adapter, generate_for_adapter
+from lily_diffusion.grids import GridAdapter, describe_adapter, generate_for_adapter
 
 from .evaluate import ToyEvaluator
+from .figures import column_header, subject_grid
 from .paths import BASE_MODEL_DIR, SUBJECT_DIR, TRAIN_SCRIPT
 from .render import BACKGROUNDS
-from .subject import CLASS_PROMPT, INSTANCE_PROMPT
+from .subjects import CLASS_PROMPT, DEFAULT_SUBJECT, INSTANCE_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,8 @@ def run_with_progress(command: Sequence[str], name: str, total_steps: int) -> tu
 def score(
     pipe: StableDiffusionXLPipeline, adapter: GridAdapter, evaluator: ToyEvaluator, plan: EvalPlan
 ) -> dict[str, float]:
-    """Subject fidelity, prompt (background) fidelity and class preservation of one adapter."""
+    """Subject fidelity, prompt (background) fidelity, also split by the subject's seen backgrounds and the unseen
+    one, and class preservation of one adapter."""
     references = [Image.open(path).convert("RGB") for path in sorted(SUBJECT_DIR.glob("*.png"))]
     prompts = plan.subject_prompts()
     subject_images = generate_for_adapter(pipe, adapter, prompts, plan.seeds, plan.steps, plan.guidance_scale, None)
@@ -172,11 +174,14 @@ def score(
     class_images = generate_for_adapter(
         pipe, adapter, [CLASS_PROMPT], plan.class_seeds, plan.steps, plan.guidance_scale, None
     )
+    backgrounds = evaluator.background_fidelity(subject_images, row_prompts, DEFAULT_SUBJECT)
     return {
-        "subject": float(np.mean(evaluator.subject_probability(subject_images))),
+        "subject": float(np.mean(evaluator.subject_probability(subject_images, DEFAULT_SUBJECT))),
         "similarity": float(np.mean(evaluator.subject_similarity(subject_images, references))),
         "background": evaluator.prompt_fidelity(subject_images, row_prompts)["background"],
-        "class_preservation": evaluator.class_preservation(class_images),
+        "background_seen": backgrounds["seen"],
+        "background_unseen": backgrounds["unseen"],
+        "class_preservation": evaluator.class_preservation(class_images, DEFAULT_SUBJECT),
     }
 
 
@@ -214,26 +219,29 @@ def results_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+    """'0.500 ± 0.100' over several seeds; '0.500 (n=1)' for one (no spread to show)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n=1)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+SCORE_COLUMNS = ("subject", "similarity", "background_seen", "background_unseen", "class_preservation")
 
 
 def results_table(results: Sequence[RunResult], base_scores: dict[str, float]) -> str:
     """Markdown: one row per (method, learning rate, prior), mean ± std over seeds."""
     header = (
         "| method | lr | prior | params | file bytes | subject fidelity | subject similarity | "
-        "prompt fidelity (background) | class preservation | train s | seeds |\n"
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "prompt fidelity, seen backgrounds | prompt fidelity, unseen background | class preservation | train s | "
+        "seeds |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    rows = [
-        f"| base model (no training) | | | 0 | 0 | {base_scores['subject']:.3f} | {base_scores['similarity']:.3f} | "
-        f"{base_scores['background']:.3f} | {base_scores['class_preservation']:.3f} | | |"
-    ]
+    base_cells = [f"{base_scores[key]:.3f}" for key in SCORE_COLUMNS]
+    rows = [f"| base model (no training) | | | 0 | 0 | {' | '.join(base_cells)} | | |"]
     settings = list(dict.fromkeys(r.spec.setting for r in results))
     for method, learning_rate, prior in settings:
         group = [r for r in results if r.spec.setting == (method, learning_rate, prior)]
-        cells = [_mean_std([r.scores[key] for r in group]) for key in ("subject", "similarity", "background")]
-        cells.append(_mean_std([r.scores["class_preservation"] for r in group]))
+        cells = [_mean_std([r.scores[key] for r in group]) for key in SCORE_COLUMNS]
         rows.append(
             f"| {method} | {learning_rate:g} | {'on' if prior else 'off'} | {group[0].adapter.num_parameters:,} | "
             f"{group[0].file_bytes:,} | {' | '.join(cells)} | {statistics.mean(r.train_seconds for r in group):.0f} | "
@@ -257,8 +265,17 @@ def best_runs(results: Sequence[RunResult]) -> list[RunResult]:
 def best_grid(
     results: Sequence[RunResult], plan: EvalPlan, prompts: Sequence[str], cell_size: int = 64
 ) -> Image.Image:
-    """The base model and the best run per (method, prior preservation), labelled for people."""
+    """The target, the base model and the best run per (method, prior preservation), labelled for people."""
     pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
-    columns = [replace(r.adapter, name=r.spec.label) for r in best_runs(results)]
-    adapters = [GridAdapter("base", None, "base", 0), *columns]
-    return comparison_grid(pipe, adapters, prompts, plan.seeds[:2], plan.steps, plan.guidance_scale, None, cell_size)
+    best = best_runs(results)
+    adapters = [GridAdapter("base", None, "base", 0), *(r.adapter for r in best)]
+    headers = [
+        column_header("base", 0),
+        *(column_header(r.spec.method, r.adapter.num_parameters, "+ prior" if r.spec.prior else "") for r in best),
+    ]
+    steps = ", ".join(sorted({f"{r.spec.steps} steps, lr {r.spec.learning_rate:g}" for r in best}))
+    title = f'DreamBooth on "{INSTANCE_PROMPT}": the target, the base model, the best run per method ({steps})'
+    seeds = plan.seeds[:2]
+    return subject_grid(
+        pipe, DEFAULT_SUBJECT, adapters, headers, prompts, seeds, plan.steps, plan.guidance_scale, title, cell_size
+    )

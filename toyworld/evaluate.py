@@ -3,11 +3,13 @@
 - **background**: exact measure: the median colour of the 2-pixel border, nearest of `BACKGROUNDS`;
 - **colour**: exact measure: the median colour of the pixels far from that background, nearest of `COLOURS`;
 - **shape**: a tiny CNN trained on ground-truth renders (`classifiers.py`);
-- **subject probability**: a tiny CNN, the subject vs the base world and near misses (plain orange/purple stars,
-  other striped stars, orange/purple stripes on other shapes): "is it the subject" (DreamBooth's classifier view);
+- **subject probability**: a tiny CNN over `SUBJECT_CLASSES` (none, then every bundled subject), trained on the
+  subjects, the base world and near misses (a subject's shape plain or in other colours, its colours and pattern on
+  other shapes, its shape and colours in another pattern): "is it this subject" (DreamBooth's classifier view);
 - **subject similarity**: the analogue of DINO / CLIP-I: the cosine similarity of the object's appearance
-  features (`appearance_features`: the masked crop's colours and its stripe pattern, 16x16) to those of the
-  instance images, averaged over them.
+  features (`appearance_features`: the masked crop's colours and its pattern, 16x16) to those of the subject's
+  instance images, averaged over them;
+- **background fidelity** split by the subject's seen backgrounds and the unseen one (recontextualisation).
 
 The CNN weights are read from `assets/toy-evaluator/` (written by `train_evaluator`, deterministic).
 """
@@ -25,12 +27,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .classifiers import TinyCNN, heldout_accuracy, shape_batch, subject_batch, to_unit, train_classifier
+from .classifiers import (
+    SUBJECT_CLASSES,
+    TinyCNN,
+    heldout_accuracy,
+    one_subject_accuracy,
+    shape_batch,
+    subject_batch,
+    to_unit,
+    train_classifier,
+)
 from .paths import EVALUATOR_DIR
 from .render import BACKGROUNDS, COLOURS, SHAPES
-from .subject import SUBJECT_TOKEN
+from .subjects import DEFAULT_SUBJECT, SUBJECT_TOKEN, SUBJECTS, Subject, get_subject
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +51,7 @@ SHAPE_SEED, SUBJECT_SEED = 11, 12
 FOREGROUND_FRACTION = 0.5  # a pixel is the object's if its distance from the background exceeds this x the max
 MIN_OBJECT_DISTANCE = 40.0  # below this (0-255 units) the image has no visible object
 ImageLike = Image.Image | np.ndarray
+CLASSES_KEY = "classes"  # safetensors metadata of subject.safetensors: the JSON list of its classes
 
 
 def as_uint8(images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
@@ -140,7 +153,15 @@ class ToyEvaluator:
 
     @classmethod
     def load(cls, folder: Path = DEFAULT_DIR) -> ToyEvaluator:
-        shape_model, subject_model = TinyCNN(len(SHAPES)), TinyCNN(2)
+        """The saved CNNs; `ValueError` in one sentence if they were trained for other subjects than the bundled."""
+        with safe_open(str(folder / "subject.safetensors"), framework="pt") as handle:
+            classes = tuple(json.loads((handle.metadata() or {}).get(CLASSES_KEY, "[]")))
+        if classes != SUBJECT_CLASSES:
+            raise ValueError(
+                f"the evaluator in {folder} knows the subjects {list(classes[1:])}, not the bundled "
+                f"{list(SUBJECT_CLASSES[1:])}; retrain it with python -m scripts.train_toy_evaluator"
+            )
+        shape_model, subject_model = TinyCNN(len(SHAPES)), TinyCNN(len(SUBJECT_CLASSES))
         shape_model.load_state_dict(load_file(folder / "shape.safetensors"))
         subject_model.load_state_dict(load_file(folder / "subject.safetensors"))
         return cls(shape_model.eval(), subject_model.eval())
@@ -158,14 +179,23 @@ class ToyEvaluator:
         return [SHAPES[i] for i in logits.argmax(dim=1).tolist()]
 
     @torch.no_grad()
-    def subject_probability(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
-        """P(the image shows the subject), float [n]."""
-        return self.subject_model(to_unit(as_uint8(images))).softmax(dim=1)[:, 1].numpy()
+    def subject_probabilities(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
+        """P(class) over `SUBJECT_CLASSES` ("none", then each subject), float [n, classes]."""
+        return self.subject_model(to_unit(as_uint8(images))).softmax(dim=1).numpy()
+
+    def subject_probability(
+        self, images: Sequence[ImageLike] | np.ndarray, subject: str | Subject = DEFAULT_SUBJECT
+    ) -> np.ndarray:
+        """P(the image shows `subject`), float [n]."""
+        return self.subject_probabilities(images)[:, SUBJECT_CLASSES.index(get_subject(subject).name)]
 
     def subject_similarity(
-        self, images: Sequence[ImageLike] | np.ndarray, references: Sequence[ImageLike] | np.ndarray
+        self, images: Sequence[ImageLike] | np.ndarray, references: Sequence[ImageLike] | np.ndarray | Subject
     ) -> np.ndarray:
-        """Mean cosine similarity of each image's appearance features to the references', float [n]."""
+        """Mean cosine similarity of each image's appearance features to the references' (or a subject's instance
+        images), float [n]."""
+        if isinstance(references, Subject):
+            references = references.instance_images()
         a = F.normalize(appearance_features(as_uint8(images)), dim=1)
         b = F.normalize(appearance_features(as_uint8(references)), dim=1)
         return (a @ b.T).mean(dim=1).numpy()
@@ -185,24 +215,56 @@ class ToyEvaluator:
                 scores[key] = float(np.mean([v == want for v, want in pairs]))
         return scores
 
-    def class_preservation(self, images: Sequence[ImageLike] | np.ndarray) -> float:
-        """Fraction of images (from the class prompt) that are ordinary stars: star-shaped, not the subject."""
-        plain = (self.subject_probability(images) < 0.5) & np.array([s == "star" for s in self.shapes(images)])
-        return float(plain.mean())
+    def background_fidelity(
+        self,
+        images: Sequence[ImageLike] | np.ndarray,
+        prompts: Sequence[str],
+        subject: str | Subject = DEFAULT_SUBJECT,
+    ) -> dict[str, float]:
+        """The fraction of images showing the background their prompt names, separately for the subject's seen
+        backgrounds ("seen") and the one its instance images never show ("unseen"); a key only if asked."""
+        subject = get_subject(subject)
+        shown = self.backgrounds(images)
+        asked = [parse_prompt(p)["background"] for p in prompts]
+        groups = {"seen": subject.seen_backgrounds, "unseen": (subject.unseen_background,)}
+        scores: dict[str, float] = {}
+        for key, backgrounds in groups.items():
+            hits = [b == want for b, want in zip(shown, asked, strict=True) if want in backgrounds]
+            if hits:
+                scores[key] = float(np.mean(hits))
+        return scores
+
+    def class_preservation(
+        self, images: Sequence[ImageLike] | np.ndarray, subject: str | Subject = DEFAULT_SUBJECT
+    ) -> float:
+        """Fraction of images (from the class prompt) that are ordinary members of the subject's class: the
+        subject's shape, and not the subject."""
+        subject = get_subject(subject)
+        shapes = np.array([s == subject.shape for s in self.shapes(images)])
+        return float(((self.subject_probability(images, subject) < 0.5) & shapes).mean())
 
 
 def train_evaluator(folder: Path = DEFAULT_DIR, steps: int = 1200) -> dict[str, float]:
-    """Train both CNNs (deterministic), save them to `folder`, and return their held-out accuracies."""
+    """Train both CNNs (deterministic), save them to `folder`, and return their held-out accuracies: the shape
+    CNN's, the subject CNN's over all its classes, and per subject, "is it this subject" on a balanced set."""
     folder.mkdir(parents=True, exist_ok=True)
     shape_model = train_classifier(shape_batch, len(SHAPES), seed=SHAPE_SEED, steps=steps)
-    subject_model = train_classifier(subject_batch, 2, seed=SUBJECT_SEED, steps=steps)
+    subject_model = train_classifier(subject_batch, len(SUBJECT_CLASSES), seed=SUBJECT_SEED, steps=steps)
     save_file({k: v.contiguous() for k, v in shape_model.state_dict().items()}, folder / "shape.safetensors")
-    save_file({k: v.contiguous() for k, v in subject_model.state_dict().items()}, folder / "subject.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in subject_model.state_dict().items()},
+        folder / "subject.safetensors",
+        metadata={CLASSES_KEY: json.dumps(list(SUBJECT_CLASSES))},
+    )
     accuracies = {
         "shape": heldout_accuracy(shape_model, shape_batch, seed=SHAPE_SEED + 100),
         "shape_degraded": heldout_accuracy(shape_model, shape_batch, seed=SHAPE_SEED + 100, degraded=True),
         "subject": heldout_accuracy(subject_model, subject_batch, seed=SUBJECT_SEED + 100),
         "subject_degraded": heldout_accuracy(subject_model, subject_batch, seed=SUBJECT_SEED + 100, degraded=True),
     }
+    for subject in SUBJECTS.values():
+        for degraded in (False, True):
+            key = f"subject:{subject.name}" + ("_degraded" if degraded else "")
+            accuracies[key] = one_subject_accuracy(subject_model, subject, SUBJECT_SEED + 200, degraded=degraded)
     (folder / "heldout_accuracy.json").write_text(json.dumps(accuracies, indent=2) + "\n")
     return accuracies

@@ -2,8 +2,8 @@
 
 Every image is a pure function of a `Scene` (and every `Scene` of a seed): shapes are rasterised at 4x resolution
 by exact geometry and box-filtered down, so edges are anti-aliased and the output is bit-identical across runs.
-The base world only ever shows plain (one-colour) objects in `COLOURS`; striped objects and the colours in
-`EXTRA_COLOURS` exist for the subject (see `subject.py`) and for the evaluator's near-miss negatives.
+The base world only ever shows plain (one-colour) objects in `COLOURS`; two-colour objects (a `PATTERNS` entry) and the
+colours in `EXTRA_COLOURS` exist for the subjects (see `subjects.py`) and for the evaluator's near-miss negatives.
 """
 
 from __future__ import annotations
@@ -29,12 +29,17 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "black": (15, 15, 15),
 }
-# Colours the base world never shows: only the subject (and the evaluator's near misses) use them.
+# Colours the base world never shows: only the subjects (and the evaluator's near misses) use them.
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 140, 0),
     "purple": (130, 40, 175),
 }
-ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}
+# Colours the base world never shows and its vocabulary has no word for (the base model's tokenizer is fixed).
+UNNAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "cyan": (0, 200, 210),
+    "pink": (250, 110, 190),
+}
+ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS, **UNNAMED_COLOURS}
 
 WORLD_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(["a", "photo", "of", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS])
@@ -43,11 +48,16 @@ WORLD_WORDS: tuple[str, ...] = tuple(
 RADIUS_RANGE = (8.0, 13.0)  # in pixels of the 32x32 image
 MARGIN = 1.5  # the shape's bounding circle stays this far inside the image
 STRIPE_PERIOD = 0.6  # stripe period as a fraction of the radius (for striped objects)
+RING_INNER = 0.55  # a ring's inner shape, as a fraction of the radius
+# How a two-colour object is painted, in the object's own frame (so a pattern scales and moves with the object):
+# "stripes": diagonal bands of STRIPE_PERIOD x radius; "halves": the first colour left of the centre, the second
+# right of it; "ring": the first colour outside, the second inside the same shape at RING_INNER x radius.
+PATTERNS: tuple[str, ...] = ("stripes", "halves", "ring")
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Everything that determines one image. `colours` has one name (plain) or two (diagonal stripes)."""
+    """Everything that determines one image. `colours` has one name (plain) or more, painted in `pattern`."""
 
     shape: str
     colours: tuple[str, ...]
@@ -55,6 +65,7 @@ class Scene:
     cx: float
     cy: float
     radius: float
+    pattern: str = "stripes"
 
     @property
     def colour(self) -> str:
@@ -155,14 +166,23 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
     return _downsample(_inside(shape, cx, cy, radius, size).astype(np.float64), size).astype(np.float32)
 
 
-def _stripe_fill(palette: np.ndarray, cx: float, cy: float, period: float, size: int) -> np.ndarray:
-    """Colours at every supersample: flat (one palette row) or diagonal stripes anchored at (cx, cy)."""
+def _pattern_fill(
+    palette: np.ndarray, shape: str, cx: float, cy: float, radius: float, period: float, pattern: str, size: int
+) -> np.ndarray:
+    """Colours at every supersample: flat (one palette row) or `pattern` anchored at (cx, cy)."""
     n = size * SUPERSAMPLE
     if len(palette) == 1:
         return np.broadcast_to(palette[0], (n, n, 3))
     py, px = _grid(size)
-    u = ((px - cx) + (py - cy)) / math.sqrt(2.0) / period
-    band = np.floor(u * len(palette)).astype(np.int64) % len(palette)
+    if pattern == "stripes":
+        u = ((px - cx) + (py - cy)) / math.sqrt(2.0) / period
+        band = np.floor(u * len(palette)).astype(np.int64) % len(palette)
+    elif pattern == "halves":
+        band = np.minimum(((px - cx) >= 0).astype(np.int64), len(palette) - 1)
+    elif pattern == "ring":
+        band = np.minimum(_inside(shape, cx, cy, RING_INNER * radius, size).astype(np.int64), len(palette) - 1)
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
     return palette[band]
 
 
@@ -175,19 +195,21 @@ def compose(
     background: np.ndarray,
     period: float,
     size: int = SIZE,
+    pattern: str = "stripes",
 ) -> np.ndarray:
-    """Rasterise one object with RGB `palette` rows (stripes if more than one) over an RGB background, uint8."""
+    """Rasterise one object with RGB `palette` rows (in `pattern` if more than one) over an RGB background, uint8."""
     inside = _inside(shape, cx, cy, radius, size)
-    fine = np.where(inside[..., None], _stripe_fill(np.asarray(palette, np.float64), cx, cy, period, size), background)
+    fill = _pattern_fill(np.asarray(palette, np.float64), shape, cx, cy, radius, period, pattern, size)
+    fine = np.where(inside[..., None], fill, background)
     return np.clip(np.rint(_downsample(fine, size)), 0, 255).astype(np.uint8)
 
 
 def render_array(scene: Scene, size: int = SIZE) -> np.ndarray:
-    """The scene as a uint8 [size, size, 3] array (exact coverage and stripe anti-aliasing)."""
+    """The scene as a uint8 [size, size, 3] array (exact coverage and pattern anti-aliasing)."""
     palette = np.array([ALL_COLOURS[c] for c in scene.colours], dtype=np.float64)
     background = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
     period = STRIPE_PERIOD * scene.radius
-    return compose(scene.shape, scene.cx, scene.cy, scene.radius, palette, background, period, size)
+    return compose(scene.shape, scene.cx, scene.cy, scene.radius, palette, background, period, size, scene.pattern)
 
 
 def random_pattern_array(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

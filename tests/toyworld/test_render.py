@@ -1,8 +1,11 @@
 """The renderer: deterministic, captioned, and the base world never shows the subject's look."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
+from toyworld.classifiers import shape_batch
 from toyworld.render import (
     BACKGROUNDS,
     COLOURS,
@@ -11,6 +14,7 @@ from toyworld.render import (
     SIZE,
     Scene,
     caption,
+    random_pattern_array,
     random_scenes,
     render,
     render_array,
@@ -61,3 +65,27 @@ def test_base_world_covers_every_attribute_with_plain_objects_only():
     assert not set(EXTRA_COLOURS) & set(COLOURS)
     for s in scenes:  # the whole object is inside the frame
         assert s.radius + 1 <= s.cx <= SIZE - s.radius - 1 and s.radius + 1 <= s.cy <= SIZE - s.radius - 1
+
+
+def test_base_world_renders_are_unchanged_by_the_subject_patterns():
+    """The bundled VAE and shape CNN were trained on these exact pixels: adding patterns must not move one."""
+    digest = hashlib.sha256(render_batch(random_scenes(64, 7)).tobytes())
+    rng = np.random.default_rng(3)
+    digest.update(np.stack([random_pattern_array(rng) for _ in range(16)]).tobytes())
+    images, labels = shape_batch(np.random.default_rng([11, 0]), 32)
+    digest.update(images.tobytes())
+    digest.update(labels.tobytes())
+    assert digest.hexdigest() == "dcbf683e791f698a6aa38a703318c3d1ace8a7383e2a366db0986b60aa29445f"
+
+
+def test_two_colour_patterns_paint_the_object_in_its_own_frame():
+    red, blue = COLOURS["red"], COLOURS["blue"]
+    halves = render_array(Scene("square", ("red", "blue"), "white", 16.0, 16.0, 10.0, "halves"))
+    assert tuple(halves[16, 12]) == red and tuple(halves[16, 20]) == blue
+    ring = render_array(Scene("circle", ("red", "blue"), "black", 16.0, 16.0, 12.0, "ring"))
+    assert tuple(ring[16, 16]) == blue and tuple(ring[16, 5]) == red  # centre inside 0.55 r, edge outside
+    assert tuple(ring[1, 1]) == BACKGROUNDS["black"]
+    moved = render_array(Scene("circle", ("red", "blue"), "black", 12.0, 14.0, 12.0 * 0.9, "ring"))
+    assert tuple(moved[14, 12]) == blue  # the pattern follows the object
+    with pytest.raises(ValueError, match="unknown pattern 'dots'"):
+        render_array(Scene("circle", ("red", "blue"), "black", 16.0, 16.0, 10.0, "dots"))

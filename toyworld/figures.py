@@ -1,0 +1,65 @@
+"""Grids for people: a title, the subject's target (one instance image) in the first column, short column headers
+(method and budget), then one column per adapter; rows are prompt x seed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image, ImageDraw
+
+from lily_diffusion.grids import GridAdapter, _wrap, generate_for_adapter, label_font, labelled_grid
+
+from .subjects import Subject
+
+TARGET_HEADER = "target (instance image)"
+TITLE_SIZE = 14
+
+
+def titled(image: Image.Image, title: str, size: int = TITLE_SIZE) -> Image.Image:
+    """`image` below `title`, word-wrapped to the image's width."""
+    font = label_font(size)
+    measure = ImageDraw.Draw(image)
+    lines = _wrap(title, image.width - 8, font, measure)
+    line_height = font.getbbox("Ag")[3] + 3
+    canvas = Image.new("RGB", (image.width, image.height + 8 + line_height * len(lines)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for number, line in enumerate(lines):
+        draw.text((6, 4 + number * line_height), line, "black", font)
+    canvas.paste(image, (0, canvas.height - image.height))
+    return canvas
+
+
+def column_header(method: str, num_parameters: int, detail: str = "") -> str:
+    """'Lily 32,000 params', 'LoRA + prior 32,768 params', 'base model'."""
+    if num_parameters == 0:
+        return "base model"
+    name = {"lily": "Lily", "lora": "LoRA"}.get(method, method)
+    return f"{name}{f' {detail}' if detail else ''} {num_parameters:,} params"
+
+
+def subject_grid(
+    pipe: StableDiffusionXLPipeline,
+    subject: Subject,
+    adapters: Sequence[GridAdapter],
+    headers: Sequence[str],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    title: str,
+    cell_size: int = 64,
+) -> Image.Image:
+    """The target column (the subject's first instance image on every row), then every adapter's images."""
+    if len(headers) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(headers)} column headers")
+    pipe.set_progress_bar_config(disable=True)
+    rows = len(prompts) * len(seeds)
+    target = subject.instance_images()[0]
+    columns = [[target] * rows]
+    columns += [
+        generate_for_adapter(pipe, adapter, prompts, seeds, num_inference_steps, guidance_scale, None)
+        for adapter in adapters
+    ]
+    row_labels = [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
+    return titled(labelled_grid(columns, row_labels, [TARGET_HEADER, *headers], cell_size), title)
