@@ -244,13 +244,24 @@ class ToyEvaluator:
         return float(((self.subject_probability(images, subject) < 0.5) & shapes).mean())
 
 
-def train_evaluator(folder: Path = DEFAULT_DIR, steps: int = 1200) -> dict[str, float]:
-    """Train both CNNs (deterministic), save them to `folder`, and return their held-out accuracies: the shape
-    CNN's, the subject CNN's over all its classes, and per subject, "is it this subject" on a balanced set."""
+def train_evaluator(folder: Path = DEFAULT_DIR, steps: int = 1200, retrain_shape: bool = True) -> dict[str, float]:
+    """Train the CNNs (deterministic), save them to `folder`, and return their held-out accuracies: the shape
+    CNN's, the subject CNN's over all its classes, and per subject, "is it this subject" on a balanced set.
+
+    With `retrain_shape=False` the shape CNN already in `folder` is kept (and measured again): its training data,
+    the base world's renders, does not depend on the subjects."""
     folder.mkdir(parents=True, exist_ok=True)
-    shape_model = train_classifier(shape_batch, len(SHAPES), seed=SHAPE_SEED, steps=steps)
+    shape_path = folder / "shape.safetensors"
+    if retrain_shape:
+        shape_model = train_classifier(shape_batch, len(SHAPES), seed=SHAPE_SEED, steps=steps)
+        save_file({k: v.contiguous() for k, v in shape_model.state_dict().items()}, shape_path)
+    elif not shape_path.is_file():
+        raise FileNotFoundError(f"no shape CNN to keep at {shape_path}; train it too (retrain_shape=True)")
+    else:
+        shape_model = TinyCNN(len(SHAPES))
+        shape_model.load_state_dict(load_file(shape_path))
+        shape_model.eval()
     subject_model = train_classifier(subject_batch, len(SUBJECT_CLASSES), seed=SUBJECT_SEED, steps=steps)
-    save_file({k: v.contiguous() for k, v in shape_model.state_dict().items()}, folder / "shape.safetensors")
     save_file(
         {k: v.contiguous() for k, v in subject_model.state_dict().items()},
         folder / "subject.safetensors",

@@ -44,7 +44,14 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
     assert lily.adapter.kind == "lily" and lora.adapter.kind == "lora"
     assert lily.adapter.num_parameters <= lora.adapter.num_parameters  # Lily within LoRA's budget
     for result in results:
-        assert set(result.scores) == {"subject", "similarity", "background", "class_preservation"}
+        assert set(result.scores) == {
+            "subject",
+            "similarity",
+            "background",
+            "background_seen",
+            "background_unseen",
+            "class_preservation",
+        }
         assert all(np.isfinite(v) for v in result.scores.values())
         assert result.file_bytes == result.adapter.path.stat().st_size > 0
     records = json.loads(json.dumps(results_records(results)))
@@ -55,6 +62,8 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
     assert records[0]["scores"].keys() == lily.scores.keys()
     table = results_table(results, base_scores)
     assert "| lily | 0.003 | off | " in table and "| lora | 0.003 | on | " in table
+    assert "prompt fidelity, seen backgrounds | prompt fidelity, unseen background" in table
+    assert "(n=1)" in table and "±" not in table  # one seed: no spread to show
 
 
 def test_class_prompt_images_use_distinct_seeds():
