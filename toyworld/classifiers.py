@@ -168,9 +168,7 @@ def one_subject_batch(subject: Subject) -> BatchFn:
             if kind == 0:
                 image = render_array(sample_scene(rng))
             elif kind == 1:
-                image, label = near_miss(rng, subject)
-                if label:  # a near miss that is another subject is still not this one
-                    image = render_array(others[int(rng.integers(len(others)))].scene(rng))
+                image = near_miss(rng, subject)[0]  # not this subject (if another, still label 0 here)
             else:
                 image = render_array(others[int(rng.integers(len(others)))].scene(rng))
             images.append(image)
