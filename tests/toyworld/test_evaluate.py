@@ -73,7 +73,7 @@ def test_background_fidelity_is_split_into_seen_and_unseen(evaluator):
     subject = SUBJECTS["star"]  # seen: white, gray; unseen: black
     rng = np.random.default_rng(FRESH_SEED)
     images = [render_array(subject.scene(rng, b)) for b in ("white", "gray", "black", "black")]
-    prompts = [subject.caption(b) for b in ("white", "white", "black", "gray")]
+    prompts = [subject.caption(b) for b in ("white", "white", "black", "black")]
     assert evaluator.background_fidelity(images, prompts, subject) == {"seen": 0.5, "unseen": 1.0}
     assert evaluator.background_fidelity(images[:2], prompts[:2], "star") == {"seen": 0.5}
     square = SUBJECTS["square"]  # unseen: white
