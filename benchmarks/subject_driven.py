@@ -40,7 +40,7 @@ QUICK_STEPS = 40
 
 LEGEND = (
     "Columns (the evaluator never sees how an image was made; benchmarks/results/evaluator.md):\n"
-    "- subject fidelity: mean P(subject) of the subject-vs-not CNN over the instance-prompt images "
+    "- subject fidelity: mean P(this subject) of the which-subject CNN over the instance-prompt images "
     "(DreamBooth's DINO analogue);\n"
     "- subject similarity: cosine similarity of the object's appearance features to the 5 instance images "
     "(CLIP-I analogue);\n"
