@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
+from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapter import (
@@ -19,18 +19,21 @@ from .adapter import (
 )
 from .config import check_multiplier
 from .features import follow_lora_scale
+from .hub import LilySource, lily_source_components
 from .layer import LilyMergeError
-from .serialization import COMPONENTS, LilyComponentWeights, check_fits, copy_into_adapter, read_lily_file
+from .serialization import COMPONENTS, LilyComponentWeights, check_fits, copy_into_adapter
 
 logger = logging.getLogger(__name__)
 
 
 def components_of(pipe_or_model: object) -> dict[str, nn.Module]:
-    """The adaptable components: a pipeline's unet / text encoders that are present, or the model itself."""
+    """The adaptable components: a pipeline's unet / text encoders that are present, or the model itself.
+
+    A `torch.compile`d module is replaced by the module it wraps, so adapters go by the original names."""
     if isinstance(pipe_or_model, nn.Module):
-        return {"model": pipe_or_model}
+        return {"model": unwrap_module(pipe_or_model)}
     found = {name: getattr(pipe_or_model, name, None) for name in COMPONENTS}
-    found = {name: module for name, module in found.items() if isinstance(module, nn.Module)}
+    found = {name: unwrap_module(module) for name, module in found.items() if isinstance(module, nn.Module)}
     if not found:
         raise TypeError(
             f"Expected a diffusers pipeline with unet/text_encoder/text_encoder_2 or an nn.Module, "
@@ -41,12 +44,18 @@ def components_of(pipe_or_model: object) -> dict[str, nn.Module]:
 
 def load_lily_weights(
     pipe_or_model: object,
-    path_or_dir: str | os.PathLike[str],
+    pretrained_model_name_or_path_or_dict: LilySource,
     adapter_name: str = "default",
     scale: float = 1.0,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
     component: str | None = None,
+    **hub_kwargs: object,
 ) -> None:
-    """Load a `pytorch_lily_weights.safetensors` (or the folder holding it) into a pipeline or model.
+    """Load a Lily adapter into a pipeline or model (a `torch.compile`d one too) from a weights file, a folder
+    holding `weight_name` (default `pytorch_lily_weights.safetensors`, below `subfolder`), a hub repo id
+    (`hub_kwargs`: `cache_dir`, `revision`, `token`, `local_files_only`; `HF_HUB_OFFLINE` applies), or a state
+    dict from `lily_state_dict` (or a dict of them keyed by component).
 
     For a pipeline, every component in the file is loaded into the pipeline's component of that
     name. For a bare model, the file's only component is used, or the one named by `component`.
@@ -55,7 +64,8 @@ def load_lily_weights(
     `adapter_name` is replaced.
     """
     scale = check_multiplier("scale", scale)
-    targets = _checked_targets(pipe_or_model, path_or_dir, component)
+    source = (pretrained_model_name_or_path_or_dict, weight_name, subfolder)
+    targets = _checked_targets(pipe_or_model, source, component, hub_kwargs)
     for model, weights in targets.values():
         if adapter_name in lily_adapters(model):
             remove_lily(model, adapter_name)
@@ -67,17 +77,26 @@ def load_lily_weights(
 
 
 def check_lily_weights(
-    pipe_or_model: object, path_or_dir: str | os.PathLike[str], component: str | None = None
+    pipe_or_model: object,
+    pretrained_model_name_or_path_or_dict: LilySource,
+    component: str | None = None,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    **hub_kwargs: object,
 ) -> list[str]:
     """Every check `load_lily_weights` makes, without loading anything; returns the components it would load."""
-    return list(_checked_targets(pipe_or_model, path_or_dir, component))
+    source = (pretrained_model_name_or_path_or_dict, weight_name, subfolder)
+    return list(_checked_targets(pipe_or_model, source, component, hub_kwargs))
 
 
 def _checked_targets(
-    pipe_or_model: object, path_or_dir: str | os.PathLike[str], component: str | None
+    pipe_or_model: object,
+    source: tuple[LilySource, str | None, str | None],
+    component: str | None,
+    hub_kwargs: dict[str, object],
 ) -> dict[str, tuple[nn.Module, LilyComponentWeights]]:
-    file_components = read_lily_file(path_or_dir)
-    targets = _pair_components(pipe_or_model, file_components, component, path_or_dir)
+    file_components, label = lily_source_components(*source, component=component, **hub_kwargs)
+    targets = _pair_components(pipe_or_model, file_components, component, label)
     for name, (model, weights) in targets.items():
         check_fits(model, weights, name)
     return targets
@@ -90,6 +109,7 @@ def _pair_components(
     source: object,
 ) -> dict[str, tuple[nn.Module, LilyComponentWeights]]:
     if isinstance(pipe_or_model, nn.Module):
+        pipe_or_model = unwrap_module(pipe_or_model)
         if component is None:
             if len(file_components) != 1:
                 raise ValueError(

@@ -30,10 +30,20 @@ FORMAT = "lily_diffusion"
 FORMAT_VERSION = "1"
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
 CONFIG_KEY_PREFIX = "lily_config."
+STATE_DICT_CONFIG_KEY = "lily_config"
 
 
 class LilyFileError(ValueError):
     """A Lily weights file that cannot be used: unreadable, of another format, or not for this model."""
+
+
+class LilyStateDict(dict[str, torch.Tensor]):
+    """One adapter's tensors under their file keys (no component prefix), plus `metadata`: the file header's
+    strings for it, `{"format": "lily_diffusion", "format_version": "1", "lily_config": <LilyConfig JSON>}`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        super().__init__(tensors)
+        self.metadata = dict(metadata)
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,13 @@ def expected_shapes(layout: LilyLayout, config: LilyConfig) -> dict[str, tuple[i
     return shapes
 
 
-def lily_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's parameters under their file keys (no component prefix), each tensor once."""
+def lily_state_dict(model: nn.Module, adapter_name: str = "default") -> LilyStateDict:
+    """The adapter's parameters under their file keys (no component prefix), each tensor once, with its config
+    in `.metadata["lily_config"]`; `load_lily_weights` takes it (or a dict of them by component) like a file."""
     adapter = get_lily_adapter(model, adapter_name)
-    return {key: parameter.detach() for key, parameter in layout_tensors(adapter)}
+    tensors = {key: parameter.detach() for key, parameter in layout_tensors(adapter)}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, STATE_DICT_CONFIG_KEY: adapter.config.to_json()}
+    return LilyStateDict(tensors, metadata)
 
 
 def save_lily_weights(
@@ -80,18 +93,20 @@ def save_lily_weights(
     text_encoder: nn.Module | None = None,
     text_encoder_2: nn.Module | None = None,
     adapter_name: str = "default",
-    weight_name: str = WEIGHTS_NAME,
+    weight_name: str | None = None,
 ) -> Path:
-    """Write the adapter of each given component to `save_directory/weight_name`, atomically."""
+    """Write the adapter of each given component to `save_directory/weight_name` (default
+    `pytorch_lily_weights.safetensors`), atomically."""
+    weight_name = check_weight_name(weight_name)
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION}
     for component, model in zip(COMPONENTS, (unet, text_encoder, text_encoder_2), strict=True):
         if model is None:
             continue
-        config = get_lily_adapter(model, adapter_name).config
-        for key, tensor in lily_state_dict(model, adapter_name).items():
+        state = lily_state_dict(model, adapter_name)
+        for key, tensor in state.items():
             tensors[f"{component}.{key}"] = tensor.contiguous().cpu()
-        metadata[CONFIG_KEY_PREFIX + component] = config.to_json()
+        metadata[CONFIG_KEY_PREFIX + component] = state.metadata[STATE_DICT_CONFIG_KEY]
     if not tensors:
         raise ValueError("save_lily_weights needs at least one of unet, text_encoder, text_encoder_2.")
     directory = Path(save_directory)
@@ -129,6 +144,19 @@ def _new_temporary_file(target: Path) -> Path:
         return candidate
 
 
+def check_weight_name(weight_name: str | None) -> str:
+    """`weight_name`, or the default file name for None; a `ValueError` unless it is a plain `.safetensors` name."""
+    if weight_name is None:
+        return WEIGHTS_NAME
+    plain = isinstance(weight_name, str) and not any(c in weight_name for c in "/\\") and weight_name[:1] != "."
+    if not plain or not weight_name.endswith(".safetensors"):
+        raise ValueError(
+            f"weight_name must be a plain file name ending in .safetensors (use subfolder= for folders), "
+            f"got {weight_name!r}."
+        )
+    return weight_name
+
+
 def resolve_weights_path(path_or_dir: str | os.PathLike[str], weight_name: str = WEIGHTS_NAME) -> Path:
     path = Path(path_or_dir)
     if path.is_dir():
@@ -149,6 +177,13 @@ def read_lily_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LilyCompone
             tensors = {key: handle.get_tensor(key) for key in keys}
     except SafetensorError as error:
         raise LilyFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    return split_components(tensors, metadata, str(path))
+
+
+def split_components(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
+) -> dict[str, LilyComponentWeights]:
+    """A file's tensors (keys with a component prefix) and header, as components by name, each config checked."""
     components: dict[str, LilyComponentWeights] = {}
     for component in COMPONENTS:
         prefix = f"{component}."
@@ -157,23 +192,45 @@ def read_lily_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LilyCompone
         if config_json is None:
             if own:
                 raise LilyFileError(
-                    f"{path} has {component} tensors but no '{CONFIG_KEY_PREFIX}{component}' metadata."
+                    f"{source} has {component} tensors but no '{CONFIG_KEY_PREFIX}{component}' metadata."
                 )
             continue
-        try:
-            config = LilyConfig.from_json(config_json)
-        except (TypeError, ValueError) as error:
-            raise LilyFileError(f"{path}: invalid Lily config for {component}: {error}") from error
-        components[component] = LilyComponentWeights(config, own)
+        components[component] = LilyComponentWeights(_parse_config(config_json, source, component), own)
     stray = sorted(k for k in tensors if not k.startswith(tuple(f"{c}." for c in components)))
     if stray:
-        raise LilyFileError(f"{path} has keys outside its components {sorted(components)}: {_few(stray)}.")
+        raise LilyFileError(f"{source} has keys outside its components {sorted(components)}: {_few(stray)}.")
     if not components:
-        raise LilyFileError(f"{path} holds no Lily component.")
+        raise LilyFileError(f"{source} holds no Lily component.")
     return components
 
 
-def _check_format(path: Path, metadata: dict[str, str], keys: list[str]) -> None:
+def state_dict_components(
+    state_dicts: dict[str, LilyStateDict], source: str = "the state dict"
+) -> dict[str, LilyComponentWeights]:
+    """Components from `lily_state_dict` results keyed by component name, with the checks a file gets."""
+    components: dict[str, LilyComponentWeights] = {}
+    for component, state in state_dicts.items():
+        if not isinstance(state, LilyStateDict):
+            raise LilyFileError(
+                f"{source} for {component} is a plain {type(state).__name__} without the Lily config; pass what "
+                "lily_state_dict returns (its .metadata holds the config), or the saved file."
+            )
+        _check_format(f"{source} ({component})", state.metadata, list(state))
+        config_json = state.metadata.get(STATE_DICT_CONFIG_KEY)
+        if not isinstance(config_json, str):
+            raise LilyFileError(f"{source} ({component}) has no '{STATE_DICT_CONFIG_KEY}' in its metadata.")
+        components[component] = LilyComponentWeights(_parse_config(config_json, source, component), dict(state))
+    return components
+
+
+def _parse_config(config_json: str, source: str, component: str) -> LilyConfig:
+    try:
+        return LilyConfig.from_json(config_json)
+    except (TypeError, ValueError) as error:
+        raise LilyFileError(f"{source}: invalid Lily config for {component}: {error}") from error
+
+
+def _check_format(path: object, metadata: dict[str, str], keys: list[str]) -> None:
     file_format = metadata.get("format")
     if file_format != FORMAT:
         if any("lora" in key.lower() for key in keys):

@@ -157,4 +157,4 @@ def test_missing_and_unexpected_keys_are_named(saved, tmp_path):
 
 
 def test_missing_file(tmp_path):
-    assert_rejected(build_unet(), tmp_path, "No Lily weights file at")
+    assert_rejected(build_unet(), tmp_path, "No Lily weights file pytorch_lily_weights.safetensors in ")
