@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .base_state import adapters_container
 from .config import LilyConfig
 from .features import attention_parents, call_scale_of, offload, offload_hooks, onload, wrap_fused_projections
 from .functional import add_lily_, lily_delta
@@ -178,7 +179,7 @@ def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default"
         layer.active_adapters = {adapter_name: 1.0}
         adapter.layers[path] = layer
     if not isinstance(getattr(model, ADAPTERS_ATTRIBUTE, None), nn.ModuleDict):
-        setattr(model, ADAPTERS_ATTRIBUTE, nn.ModuleDict())
+        setattr(model, ADAPTERS_ATTRIBUTE, adapters_container())
     getattr(model, ADAPTERS_ATTRIBUTE)[adapter_name] = adapter
     adapter.attach_hooks(model)
     _freeze_all_but_lily(model)
