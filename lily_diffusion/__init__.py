@@ -4,6 +4,7 @@ from .adapter import LilyAdapter, add_lily, remove_lily
 from .budget import count_lily_parameters, count_lora_parameters, lily_config_for_lora_budget
 from .config import LilyConfig
 from .layer import LilyMergeError
+from .peft_export import export_peft_lily
 from .peft_import import import_peft_lily
 from .pipeline import (
     disable_lily,
@@ -28,6 +29,7 @@ __all__ = [
     "count_lora_parameters",
     "disable_lily",
     "enable_lily",
+    "export_peft_lily",
     "fuse_lily",
     "import_peft_lily",
     "lily_config_for_lora_budget",
