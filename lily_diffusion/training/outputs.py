@@ -17,6 +17,7 @@ from accelerate.logging import get_logger
 from .adapters import ALL_WEIGHT_NAMES
 from .checkpointing import leftovers, list_checkpoints
 from .errors import TrainingError
+from .model_card import write_run_card
 
 logger = get_logger(__name__)
 
@@ -139,12 +140,13 @@ def push_to_hub(args: argparse.Namespace, weight_names: list[str]) -> None:
     checkpoints, logs or temporary files)."""
     from huggingface_hub import CommitOperationAdd, create_commit, create_repo
 
-    files = upload_selection(args.output_dir, weight_names)
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(args.output_dir, name))) for name in files
-    ]
     try:
         repo = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token)
+        write_run_card(args, repo.repo_id)  # the card's snippet loads the repo
+        files = upload_selection(args.output_dir, weight_names)
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(args.output_dir, name))) for name in files
+        ]
         create_commit(repo.repo_id, operations, commit_message="End of training", token=args.hub_token)
     except Exception as err:  # network, auth: report, do not crash with a traceback
         message = redact_text((str(err).splitlines() or [type(err).__name__])[0], [args.hub_token])

@@ -50,6 +50,7 @@ from .data import DreamBoothDataset, EpochShuffleSampler, collate_examples, load
 from .errors import TrainingError
 from .hub_dataset import load_dataset_records
 from .loop import LoopContext, steps_per_epoch, train
+from .model_card import write_run_card
 from .models import SDXLComponents, load_components, load_inference_scheduler
 from .optim import (
     build_lr_scheduler,
@@ -298,6 +299,7 @@ def finish(
             final_validation(
                 args, accelerator, components, inference_scheduler, weight_dtype, state.seed, state.global_step
             )
+        logger.info(f"model card: {write_run_card(args)}")
         if args.push_to_hub:
             push_to_hub(args, weight_names)
     accelerator.wait_for_everyone()

@@ -24,6 +24,7 @@ def test_the_hub_token_reaches_no_file_and_no_log(run_cli, train_args, tmp_path)
     files = [path for path in out.rglob("*") if path.is_file()]
     events = [path for path in files if path.name.startswith("events.out.tfevents")]
     assert events and (out / "checkpoint-2" / "optimizer.bin") in files and (out / "validation" / "final.png") in files
+    assert (out / "README.md") in files  # the model card, checked for the secret below like every file
     leaking = [path for path in files if SECRET.encode() in path.read_bytes()]
     assert leaking == []
     assert SECRET not in result.stdout and SECRET not in result.stderr

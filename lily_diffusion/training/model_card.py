@@ -1,0 +1,151 @@
+"""The model card (`README.md`) written beside the trained weights, with diffusers' template and card helpers.
+
+The card is built from a fixed list of facts (base model, instance prompt, adapter config and parameter count read
+back from the saved weights, the final validation grid, a snippet that loads the adapter), never from the flags as
+a whole, so no secret can reach it. It is created fresh each run from diffusers' training-card template, as
+`diffusers.utils.hub_utils.load_or_create_model_card` creates one, without that function's look-up of an existing
+card on the Hub (which would need the network, and would keep an earlier run's card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors import safe_open
+
+from ..serialization import WEIGHTS_NAME, read_lily_file
+from .adapters import weight_name_for
+from .errors import TrainingError
+
+CARD_NAME = "README.md"
+FINAL_GRID = "validation/final.png"
+COMMON_TAGS: tuple[str, ...] = ("dreambooth", "stable-diffusion-xl", "diffusers", "text-to-image")
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the card says; `load_from` is the hub repo id (or local folder) the snippet loads."""
+
+    adapter: str  # "lily" or "lora"
+    base_model: str
+    instance_prompt: str
+    load_from: str
+    num_parameters: int
+    configs: dict[str, str]  # component -> adapter config, as shown
+    validation_prompt: str | None = None
+    grid: str | None = None  # the final validation grid, relative to the card
+
+
+def lily_facts(output_dir: str | Path) -> tuple[int, dict[str, str]]:
+    """Parameter count and per-component config JSON of the Lily weights saved in `output_dir`."""
+    components = read_lily_file(Path(output_dir) / WEIGHTS_NAME)
+    count = sum(tensor.numel() for weights in components.values() for tensor in weights.tensors.values())
+    configs = {name: json.dumps(weights.config.to_dict(), sort_keys=True) for name, weights in components.items()}
+    return count, configs
+
+
+def lora_parameter_count(weight_file: str | Path) -> int:
+    """Number of values in a LoRA safetensors file (read from the header, no tensor loaded)."""
+    with safe_open(str(weight_file), framework="pt") as handle:
+        keys = handle.keys()
+        return sum(math.prod(handle.get_slice(key).get_shape()) for key in keys)
+
+
+def model_card(facts: CardFacts) -> ModelCard:
+    """The card: diffusers' training-card template, the facts in its description, tags added by diffusers."""
+    card = ModelCard.from_template(
+        card_data=ModelCardData(
+            library_name="diffusers",
+            inference=True,
+            base_model=facts.base_model,
+            instance_prompt=facts.instance_prompt,
+        ),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=_description(facts),
+    )
+    return populate_model_card(card, tags=[facts.adapter, *COMMON_TAGS])
+
+
+def _description(facts: CardFacts) -> str:
+    name = "Lily (Low-Rank Interconnected Adaptation across Layers)" if facts.adapter == "lily" else "LoRA"
+    lines = [
+        f"# DreamBooth {name} adapter for {facts.base_model}",
+        "",
+        f"Trained with `train_dreambooth_lily.py` (lily_diffusion) on the base model `{facts.base_model}`.",
+        f"Instance prompt: `{facts.instance_prompt}`.",
+        "",
+        f"Trainable parameters: {facts.num_parameters:,}.",
+        "",
+    ]
+    for component, config in facts.configs.items():
+        lines += [f"Adapter config ({component}):", "", "```json", config, "```", ""]
+    if facts.grid:
+        lines += [f"Validation images for `{facts.validation_prompt}`:", "", f"![validation images]({facts.grid})", ""]
+    lines += ["## Use it", "", "```python", _snippet(facts), "```", ""]
+    return "\n".join(lines)
+
+
+def _snippet(facts: CardFacts) -> str:
+    if facts.adapter == "lily":
+        imports = "from lily_diffusion import load_lily_weights\n"
+        load = f"load_lily_weights(pipe, {facts.load_from!r})"
+    else:
+        imports = ""
+        load = f"pipe.load_lora_weights({facts.load_from!r})"
+    return (
+        f"from diffusers import StableDiffusionXLPipeline\n{imports}\n"
+        f"pipe = StableDiffusionXLPipeline.from_pretrained({facts.base_model!r})\n"
+        f"{load}\n"
+        f"image = pipe({facts.instance_prompt!r}, num_inference_steps=30).images[0]"
+    )
+
+
+def write_model_card(
+    output_dir: str | Path,
+    adapter: str,
+    base_model: str,
+    instance_prompt: str,
+    weight_file: str | Path,
+    load_from: str,
+    lora_rank: int | None = None,
+    validation_prompt: str | None = None,
+) -> Path:
+    """Write `output_dir/README.md` for the weights in `weight_file`; the snippet loads from `load_from`."""
+    folder = Path(output_dir)
+    if adapter == "lily":
+        count, configs = lily_facts(folder)
+    else:
+        count, configs = lora_parameter_count(weight_file), {"LoRA": json.dumps({"rank": lora_rank})}
+    grid = FINAL_GRID if (folder / FINAL_GRID).is_file() else None
+    facts = CardFacts(adapter, base_model, instance_prompt, load_from, count, configs, validation_prompt, grid)
+    path = folder / CARD_NAME
+    model_card(facts).save(path)
+    return path
+
+
+def write_run_card(args: argparse.Namespace, load_from: str | None = None) -> Path:
+    """The card of a finished training run (the snippet loads `load_from`, default the output folder)."""
+    folder = Path(args.output_dir)
+    weight_file = folder / weight_name_for(args.adapter)
+    try:
+        return write_model_card(
+            folder,
+            args.adapter,
+            args.pretrained_model_name_or_path,
+            args.instance_prompt,
+            weight_file,
+            load_from or str(folder.resolve()),
+            lora_rank=args.rank,
+            validation_prompt=args.validation_prompt,
+        )
+    except OSError as error:  # a full disk: the weights are saved already
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise TrainingError(
+            f"could not write the model card {folder / CARD_NAME} (the weights are saved): {first}"
+        ) from error
