@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -158,6 +159,7 @@ def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default"
     Like peft, the model's own parameters are frozen; the adapter's are trainable and in fp32.
     The adapter is registered as `model.lily_adapters[adapter_name]` so it moves with `model.to()`.
     """
+    model = unwrap_module(model)  # a torch.compile'd model: adapt the module it wraps, by its own names
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}.")
     if adapter_name in lily_adapters(model):
@@ -188,6 +190,7 @@ def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default"
 
 def remove_lily(model: nn.Module, adapter_name: str | None = None) -> None:
     """Remove one adapter (or all); layers left with none get their original `nn.Linear` back."""
+    model = unwrap_module(model)
     adapters = lily_adapters(model)
     names = list(adapters) if adapter_name is None else [adapter_name]
     for name in names:

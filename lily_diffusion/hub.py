@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import huggingface_hub.constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -22,6 +23,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .patterns import shorten
 from .serialization import (
     COMPONENTS,
     LilyComponentWeights,
@@ -38,10 +40,14 @@ LilySource = str | os.PathLike[str] | Mapping[str, object]
 
 
 def check_hub_kwargs(hub_kwargs: Mapping[str, object]) -> None:
-    """A `TypeError` for any keyword that is not one of `HUB_KWARGS`."""
+    """A `TypeError` for any keyword that is not one of `HUB_KWARGS`, or a value of the wrong type."""
     unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
     if unknown:
         raise TypeError(f"load_lily_weights got unknown keyword(s) {unknown}; its hub options are {HUB_KWARGS}.")
+    kinds = {"cache_dir": (str, os.PathLike), "revision": (str,), "token": (str, bool), "local_files_only": (bool,)}
+    for key, value in hub_kwargs.items():
+        if value is not None and not isinstance(value, kinds[key]):
+            raise TypeError(f"{key} must be one of {[k.__name__ for k in kinds[key]]} or None, got {shorten(value)}.")
 
 
 def resolve_lily_file(
@@ -91,7 +97,10 @@ def _download(repo_id: str, name: str, subfolder: str | None, hub_kwargs: Mappin
         return Path(hf_hub_download(repo_id, name, subfolder=subfolder or None, **hub_kwargs))
     except LocalEntryNotFoundError:
         reason = f"{where} at revision {revision} of hub repo {repo_id} is not in the local hub cache"
-        advice = "and downloads are off (local_files_only=True or HF_HUB_OFFLINE=1): download it once online"
+        if hub_kwargs.get("local_files_only") or huggingface_hub.constants.HF_HUB_OFFLINE:
+            advice = "and downloads are off (local_files_only=True or HF_HUB_OFFLINE=1): download it once online"
+        else:
+            advice = "and the Hub could not be reached: check the connection"
         raise FileNotFoundError(f"{reason} {advice}, or pass a local folder.") from None
     except RevisionNotFoundError:
         raise FileNotFoundError(f"Hub repo {repo_id} has no revision {revision}.") from None

@@ -10,6 +10,7 @@ from lily_diffusion import (
     add_lily,
     lily_state_dict,
     load_lily_weights,
+    remove_lily,
     save_lily_weights,
     unload_lily_weights,
 )
@@ -71,3 +72,12 @@ def test_a_base_state_dict_loads_strictly_into_an_adapted_model(unet, tiny_sdxl_
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert all(torch.equal(a, b) for a, b in zip(adapter.parameters(), kept, strict=True))
     assert torch.equal(run_unet(unet, inputs), adapted)
+
+
+def test_add_and_remove_on_a_compiled_model_use_the_original_names(unet):
+    compiled = torch.compile(unet, backend="aot_eager")
+    add_lily(compiled, CONFIG)
+    assert "lily_adapters" in unet._modules and not any("_orig_mod" in key for key in lily_state_dict(unet))
+    remove_lily(compiled)
+    assert not hasattr(unet, "lily_adapters")
+    assert all(type(m) is torch.nn.Linear for n, m in unet.named_modules() if n.endswith("to_q"))

@@ -173,3 +173,18 @@ def test_state_dicts_without_the_config_are_refused(trained, tiny_sdxl_dir):
     with pytest.raises(ValueError, match=r"a state dict needs none of them\.$"):
         load_lily_weights(target, lily_state_dict(unet), weight_name="a.safetensors")
     assert not hasattr(target, "lily_adapters")
+
+
+def test_save_refuses_a_weight_name_that_is_not_a_plain_safetensors_name(trained, tmp_path):
+    unet, _, _ = trained
+    for bad in ("x.bin", "sub/x.safetensors", ".hidden.safetensors"):
+        with pytest.raises(ValueError, match=r"^weight_name must be a plain file name ending in \.safetensors"):
+            save_lily_weights(tmp_path / "bad", unet=unet, weight_name=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_hub_options_of_the_wrong_type_are_refused():
+    with pytest.raises(TypeError, match=r"^revision must be one of \['str'\] or None, got 3\.$"):
+        resolve_lily_file("user/dogs", revision=3, local_files_only=True)
+    with pytest.raises(TypeError, match=r"^local_files_only must be one of \['bool'\] or None, got 'yes'\.$"):
+        resolve_lily_file("user/dogs", local_files_only="yes")
