@@ -169,7 +169,7 @@ def test_an_output_folder_with_another_run_is_refused_or_overwritten(train, tmp_
     train(out, "--max_train_steps", 1, "--overwrite_output_dir", "--seed", 1, "--checkpointing_steps", 1000)
     for removed in ("checkpoint-1", WEIGHTS, "validation"):
         assert f"--overwrite_output_dir: removing {out / removed}" in caplog.text
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", WEIGHTS, "training_args.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes.txt", WEIGHTS, "training_args.json"]
     assert (out / WEIGHTS).read_bytes() != before[WEIGHTS]  # the new run's weights
 
     empty = tmp_path / "empty"

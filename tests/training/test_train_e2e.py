@@ -94,6 +94,9 @@ def test_lora_training_from_yaml_config(run_cli, base_args, subject_dir, tiny_sd
     assert saved_args["center_crop"] is True and saved_args["cache_latents"] is True
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert not (out / "pytorch_lily_weights.safetensors").exists()
+    card = (out / "README.md").read_text()  # the model card, LoRA flavour
+    assert "- lora\n" in card and f"pipe.load_lora_weights({str(out.resolve())!r})" in card
+    assert '{"rank": 2}' in card
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     before = generate(pipe)
