@@ -9,7 +9,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .base_state import adapters_container
+from .base_state import adapters_container, forget_adapters_container
 from .config import LilyConfig
 from .features import attention_parents, call_scale_of, offload, offload_hooks, onload, wrap_fused_projections
 from .functional import add_lily_, lily_delta
@@ -181,7 +181,7 @@ def add_lily(model: nn.Module, config: LilyConfig, adapter_name: str = "default"
         layer.active_adapters = {adapter_name: 1.0}
         adapter.layers[path] = layer
     if not isinstance(getattr(model, ADAPTERS_ATTRIBUTE, None), nn.ModuleDict):
-        setattr(model, ADAPTERS_ATTRIBUTE, adapters_container())
+        setattr(model, ADAPTERS_ATTRIBUTE, adapters_container(model))
     getattr(model, ADAPTERS_ATTRIBUTE)[adapter_name] = adapter
     adapter.attach_hooks(model)
     _freeze_all_but_lily(model)
@@ -206,6 +206,7 @@ def remove_lily(model: nn.Module, adapter_name: str | None = None) -> None:
         del getattr(model, ADAPTERS_ATTRIBUTE)[name]
     if not lily_adapters(model) and hasattr(model, ADAPTERS_ATTRIBUTE):
         delattr(model, ADAPTERS_ATTRIBUTE)
+        forget_adapters_container(model)
 
 
 def activate_lily(model: nn.Module, adapter_name: str | None) -> None:

@@ -1,6 +1,8 @@
 """A `torch.compile`d UNet takes a Lily adapter by its original names, and `save_pretrained` of an adapted
 pipeline writes the clean base weights."""
 
+import copy
+
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
@@ -81,3 +83,16 @@ def test_add_and_remove_on_a_compiled_model_use_the_original_names(unet):
     remove_lily(compiled)
     assert not hasattr(unet, "lily_adapters")
     assert all(type(m) is torch.nn.Linear for n, m in unet.named_modules() if n.endswith("to_q"))
+
+
+def test_only_save_pretrained_leaves_the_adapter_out(unet, tmp_path):
+    add_lily(unet, CONFIG)
+    assert any(key.startswith("lily_adapters.") for key in unet.state_dict())  # offloading reads the weights here
+    twin = copy.deepcopy(unet)
+    assert twin.save_pretrained.__self__ is twin  # the copy saves itself
+    twin.save_pretrained(tmp_path / "twin")
+    with safe_open(str(tmp_path / "twin" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        keys = handle.keys()
+    assert keys and not [key for key in keys if "lily" in key]
+    remove_lily(unet)
+    assert "save_pretrained" not in vars(unet)
