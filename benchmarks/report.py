@@ -167,3 +167,24 @@ def markdown(title: str, facts: list[str], tables: dict[str, str], notes: list[s
     if notes:
         lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+def replace_marked_section(text: str, marker: str, body: str) -> str:
+    """`text` with the block between `<!-- marker -->` and `<!-- /marker -->` set to `body` (appended if absent)."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    head, found, rest = text.partition(start)
+    if found:
+        _, closed, tail = rest.partition(end)
+        if not closed:
+            raise ValueError(f"{start} has no closing {end}")
+        return head + block + tail
+    return (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+
+
+def marked_section(text: str, marker: str) -> str | None:
+    """The whole `<!-- marker -->` ... `<!-- /marker -->` block of `text`, markers included, or None."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    _, found, rest = text.partition(start)
+    body, closed, _ = rest.partition(end)
+    return start + body + end if found and closed else None

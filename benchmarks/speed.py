@@ -33,7 +33,7 @@ from diffusers import UNet2DConditionModel
 from toyworld.sdxl_config import SDXL_BASE_UNET_CONFIG
 
 from .contenders import AdapterSpec, Prepared, prepare, registry
-from .report import Results, iter_tables, machine_description, markdown, versions
+from .report import Results, iter_tables, machine_description, markdown, marked_section, versions
 
 logger = logging.getLogger("speed")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> Results:
     command = "python -m benchmarks.speed " + " ".join(argv)
     title = f"Lily speed benchmark ({'exact SDXL UNet' if settings.full_sdxl else 'SDXL UNet at reduced width'})"
     facts = run_facts(settings, command.strip(), time.perf_counter() - started)
-    output.write_text(markdown(title, facts, tables, NOTES))
+    text = markdown(title, facts, tables, NOTES)
+    flops = marked_section(output.read_text(), "benchmarks.flops") if output.exists() else None
+    output.write_text(f"{text}\n{flops}\n" if flops else text)  # keep the FLOP table of benchmarks.flops
     logger.info("wrote %s", output)
     return results
 

@@ -56,13 +56,22 @@ def project_up(h: torch.Tensor, B_mix: torch.Tensor) -> torch.Tensor:
     return torch.bmm(tokens, B_mix).reshape(*h.shape[:-1], B_mix.shape[-1])
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type`; False for devices autocast does not know (meta, fake tensors).
+
+    `torch.is_autocast_enabled("meta")` raises rather than answering, and the meta device is how a model is
+    built and measured without memory (FLOP counts, shapes).
+    """
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def down_project(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """`h = A x` in the adapter's dtype.
 
     Under autocast the input is left as it is: autocast casts both operands of the matmul itself,
     so casting x to fp32 first would only add two activation-sized copies.
     """
-    if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != A.dtype and not autocast_enabled(x.device.type):
         x = x.to(A.dtype)
     return F.linear(x, A)
 

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from .functional import down_project
+from .functional import autocast_enabled, down_project
 
 _top_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -67,7 +67,7 @@ class DownProjectionCache:
         if entries is None or not _cache_allowed():
             return down_project(x, A)
         key = (a_index, id(x))
-        state = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        state = (torch.is_grad_enabled(), autocast_enabled(x.device.type))
         entry = entries.get(key)
         if (
             entry is not None

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from lily_diffusion.functional import lily_delta, mix, project_up, route
+from lily_diffusion import LilyConfig, add_lily
+from lily_diffusion.functional import autocast_enabled, down_project, lily_delta, mix, project_up, route
+from tests.helpers import unet_inputs
+from toyworld.tiny_sdxl import build_unet
 
 
 def plain_formula(x, A, router, B, scaling, routing):
@@ -75,3 +78,25 @@ def test_unknown_routing_is_an_error(weights):
     A, router, B = weights
     with pytest.raises(ValueError, match="Unknown routing"):
         lily_delta(torch.randn(2, 12), A, router, B, 1.0, "token")
+
+
+def test_autocast_state_is_false_on_devices_autocast_does_not_know():
+    assert autocast_enabled("meta") is False and autocast_enabled("cpu") is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_enabled("cpu") is True and autocast_enabled("meta") is False
+
+
+def test_lily_runs_forward_and_backward_on_the_meta_device():
+    """Shapes without memory (FLOP counts): the down-projection and its cache ask about autocast on meta."""
+    with torch.device("meta"):
+        unet = build_unet(seed=0)
+    unet.requires_grad_(False)
+    adapter = add_lily(unet, LilyConfig(r=4, stride_A=2, num_B=2))
+    inputs = unet_inputs()
+    added = {key: value.to("meta") for key, value in inputs.pop("added_cond_kwargs").items()}
+    out = unet(**{key: value.to("meta") for key, value in inputs.items()}, added_cond_kwargs=added).sample
+    assert out.shape == (2, 4, 8, 8) and out.device.type == "meta"
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in adapter.lily_A)
+    x = torch.empty(2, 7, 64, device="meta", dtype=torch.float16)  # another dtype than A's: cast unless autocast
+    assert down_project(x, adapter.lily_A[0]).dtype == torch.float32
