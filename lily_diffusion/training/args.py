@@ -346,6 +346,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_counts(args)
     _check_numbers(args)
     _check_choices(args)
+    _check_optimizer_flags(args)
 
 
 def _check_required(args: argparse.Namespace) -> None:
@@ -472,6 +473,32 @@ def _check_choices(args: argparse.Namespace) -> None:
         raise TrainingError("give --overwrite_output_dir (start over) or --resume_from_checkpoint (go on), not both")
 
 
+PRODIGY_FLAGS = ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup")
+TEXT_ENCODER_FLAGS = ("text_encoder_lr", "adam_weight_decay_text_encoder", "text_encoder_target_modules")
+
+
+def _check_optimizer_flags(args: argparse.Namespace) -> None:
+    """Refuse optimizer and text-encoder flags (set to a non-default value) that this run would not use."""
+    defaults = {action.dest: action.default for action in build_parser()._actions}
+
+    def given(names: Sequence[str]) -> str:
+        """'--a', '--a and --b' or '' for the flags among `names` set to another value than their default."""
+        flags = [f"--{name}" for name in names if getattr(args, name) != defaults[name]]
+        return " and ".join(flags) + (" apply" if len(flags) > 1 else " applies") if flags else ""
+
+    if args.optimizer == "prodigy" and args.use_8bit_adam:
+        raise TrainingError("--use_8bit_adam needs --optimizer adamw (bitsandbytes has no 8-bit Prodigy)")
+    if args.optimizer != "prodigy" and given(PRODIGY_FLAGS):
+        raise TrainingError(f"{given(PRODIGY_FLAGS)} only to --optimizer prodigy")
+    if not args.train_text_encoder and given(TEXT_ENCODER_FLAGS):
+        raise TrainingError(f"{given(TEXT_ENCODER_FLAGS)} only with --train_text_encoder")
+    if args.optimizer == "prodigy" and given(["text_encoder_lr"]):
+        raise TrainingError(
+            "--text_encoder_lr does not apply to --optimizer prodigy: Prodigy adapts one learning rate for every "
+            "parameter group (scale it with --learning_rate)"
+        )
+
+
 def module_targets(values: Sequence[str], flag: str) -> list[str] | str:
     """Targets from the command line: module-name suffixes, or one regex matched against full module names.
 
@@ -523,22 +550,11 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
             "without --with_prior_preservation",
         ),
         (
-            not args.train_text_encoder,
-            ("text_encoder_lr", "adam_weight_decay_text_encoder", "text_encoder_target_modules"),
-            "without --train_text_encoder",
-        ),
-        (args.optimizer == "prodigy", ("text_encoder_lr",), "with --optimizer prodigy (one rate for all groups)"),
-        (
             args.adapter != "lily",
             ("lily_r", "lily_stride_A", "lily_num_B", "lily_scaling", "lily_routing"),
             "with --adapter lora",
         ),
         (args.match_lora_budget is not None, ("lily_r",), "with --match_lora_budget (it picks r)"),
-        (
-            args.optimizer != "prodigy",
-            ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"),
-            "without --optimizer prodigy",
-        ),
         (scheduler == "constant", ("lr_warmup_steps",), "with --lr_scheduler constant (use constant_with_warmup)"),
         (scheduler == "piecewise_constant", ("lr_warmup_steps",), "with --lr_scheduler piecewise_constant"),
         (scheduler != "piecewise_constant", ("lr_step_rules",), "without --lr_scheduler piecewise_constant"),

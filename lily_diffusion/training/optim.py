@@ -41,22 +41,54 @@ def scale_learning_rates(args: argparse.Namespace, num_processes: int) -> None:
     args.text_encoder_lr *= factor
 
 
+OPTIONAL_PACKAGES = {"prodigy": ("prodigyopt", "--optimizer prodigy"), "8bit": ("bitsandbytes", "--use_8bit_adam")}
+PROBE_SIZE = 4096  # bitsandbytes keeps 32-bit state for tensors below 4096 elements: probe its 8-bit path
+
+
+def _require(kind: str) -> None:
+    package, flag = OPTIONAL_PACKAGES[kind]
+    if importlib.util.find_spec(package) is None:
+        raise TrainingError(f"{flag} needs {package}: `pip install {package}`")
+
+
+def check_optimizer_backend(args: argparse.Namespace, device: torch.device) -> None:
+    """Before any work: the optional optimizer's package is installed, and 8-bit AdamW runs on `device`.
+
+    One 8-bit AdamW step on a probe tensor: a bitsandbytes without a kernel for the device (older releases have
+    none for CPU) fails here in one line instead of at the first training step."""
+    if args.optimizer == "prodigy":
+        _require("prodigy")
+        return
+    if not args.use_8bit_adam:
+        return
+    _require("8bit")
+    import bitsandbytes
+
+    probe = torch.nn.Parameter(torch.zeros(PROBE_SIZE, device=device))
+    probe.grad = torch.ones_like(probe)
+    try:
+        bitsandbytes.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as error:  # any failure of the third-party kernel becomes one line
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(
+            f"--use_8bit_adam: bitsandbytes {getattr(bitsandbytes, '__version__', '?')} cannot run 8-bit AdamW on "
+            f"{device.type} ({type(error).__name__}: {reason}); install a bitsandbytes release with a "
+            f"{device.type} backend or leave out --use_8bit_adam"
+        ) from error
+
+
 def build_optimizer(args: argparse.Namespace, groups: list[dict[str, object]]) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer / --use_8bit_adam; a missing optional package is a clear error."""
     if args.optimizer == "adamw":
         if args.use_8bit_adam:
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise TrainingError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`")
+            _require("8bit")
             import bitsandbytes
 
             optimizer_class = bitsandbytes.optim.AdamW8bit
         else:
             optimizer_class = torch.optim.AdamW
         return optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if args.use_8bit_adam:
-        logger.warning("--use_8bit_adam is ignored with --optimizer prodigy")
-    if importlib.util.find_spec("prodigyopt") is None:
-        raise TrainingError("--optimizer prodigy needs prodigyopt: `pip install prodigyopt`")
+    _require("prodigy")
     import prodigyopt
 
     if args.learning_rate <= 0.1:

@@ -55,6 +55,7 @@ from .models import SDXLComponents, load_components, load_inference_scheduler
 from .optim import (
     build_lr_scheduler,
     build_optimizer,
+    check_optimizer_backend,
     optimizer_settings,
     parameter_groups,
     restore_optimizer_settings,
@@ -311,6 +312,7 @@ def run_training(args: argparse.Namespace) -> Path:
     accelerator = make_accelerator(args)
     configure_logging(accelerator)
     check_before_work(args)
+    check_optimizer_backend(args, accelerator.device)
     seed = shared_seed(accelerator, args.seed)
     resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume_from is not None:

@@ -45,10 +45,10 @@ def test_every_diffusers_flag_is_accepted():
 
 def test_diffusers_style_values_parse():
     args = parse_args([
-        *REQUIRED, "--optimizer", "AdamW", "--prodigy_decouple=False", "--prodigy_safeguard_warmup",
+        *REQUIRED, "--optimizer", "Prodigy", "--prodigy_decouple=False", "--prodigy_safeguard_warmup",
         "--mixed_precision", "bf16", "--target_modules", "to_q", "to_v", "--lr_scheduler", "cosine",
     ])  # fmt: skip
-    assert args.optimizer == "adamw"
+    assert args.optimizer == "prodigy"
     assert args.prodigy_decouple is False and args.prodigy_safeguard_warmup is True
     assert args.target_modules == ["to_q", "to_v"] and args.lr_scheduler == "cosine"
 
@@ -58,7 +58,7 @@ def test_toml_config_with_command_line_override(tmp_path):
     config.write_text(
         'pretrained_model_name_or_path = "model"\ninstance_data_dir = "data"\ninstance_prompt = "sks"\n'
         'learning_rate = 3e-4\nlily_r = 16\ntarget_modules = ["to_q", "to_k"]\nrandom_flip = true\n'
-        "train_text_encoder = false\nprodigy_decouple = false\n"
+        'train_text_encoder = false\noptimizer = "prodigy"\nprodigy_decouple = false\n'
     )
     args = parse_args(["--config_file", str(config), "--lily_r", "8"])
     assert args.lily_r == 8  # the command line wins

@@ -421,15 +421,13 @@ def test_help_shows_every_default():
 def test_flags_that_do_nothing_are_named():
     args = parse_args([
         *REQUIRED, "--validation_steps", "5", "--class_prompt", "a star", "--class_data_dir", "c",
-        "--lr_warmup_steps", "10", "--lr_step_rules", "1:5,0.1", "--prodigy_decouple=false", "--hub_token", "hf_x",
-        "--num_train_epochs", "3", "--max_train_steps", "9", "--text_encoder_lr", "1e-5",
+        "--lr_warmup_steps", "10", "--lr_step_rules", "1:5,0.1", "--hub_token", "hf_x",
+        "--num_train_epochs", "3", "--max_train_steps", "9",
     ])  # fmt: skip
     assert ignored_flags(args) == [
         "--validation_steps is ignored without --validation_prompt",
         "--class_data_dir is ignored without --with_prior_preservation",
         "--class_prompt is ignored without --with_prior_preservation",
-        "--text_encoder_lr is ignored without --train_text_encoder",
-        "--prodigy_decouple is ignored without --optimizer prodigy",
         "--lr_warmup_steps is ignored with --lr_scheduler constant (use constant_with_warmup)",
         "--lr_step_rules is ignored without --lr_scheduler piecewise_constant",
         "--hub_token is ignored without --push_to_hub",

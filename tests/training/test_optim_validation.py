@@ -23,7 +23,7 @@ REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", 
 
 
 def test_groups_use_the_text_encoder_learning_rate_and_decay():
-    args = parse_args([*REQUIRED, "--learning_rate", "1e-3", "--text_encoder_lr", "1e-5"])
+    args = parse_args([*REQUIRED, "--learning_rate", "1e-3", "--train_text_encoder", "--text_encoder_lr", "1e-5"])
     unet_p, te_p = [torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(3))]
     optimizer = build_optimizer(args, parameter_groups(args, unet_p, te_p))
     assert isinstance(optimizer, torch.optim.AdamW)
