@@ -307,6 +307,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype the base pipeline is loaded in (torch_dtype)."
     )
+    parser.add_argument("--variant", default=None, help="Weight files of this variant, e.g. fp16 (as diffusers).")
     parser.add_argument("--output", default="grid.png", help="Where to write the image (PNG, or another PIL format).")
     args = parser.parse_args(input_args)
     problem = _argument_problem(args)
@@ -388,10 +389,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def load_base(name: str, dtype: torch.dtype) -> StableDiffusionXLPipeline:
-    """`StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype)`, with a one-line `ValueError`."""
+def load_base(name: str, dtype: torch.dtype, variant: str | None = None) -> StableDiffusionXLPipeline:
+    """`StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype, variant=variant)`, with a one-line
+    `ValueError`."""
     try:
-        return StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype)
+        return StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype, variant=variant)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load the base model {shorten(name)}: {_one_line(error)}") from None
 
@@ -405,7 +407,7 @@ def main(input_args: Sequence[str] | None = None) -> int:
     args = parse_args(input_args)
     try:
         adapters = [describe_adapter(*spec.split("=", 1)) for spec in args.adapter]
-        pipe = load_base(args.pretrained_model_name_or_path, DTYPES[args.dtype])
+        pipe = load_base(args.pretrained_model_name_or_path, DTYPES[args.dtype], args.variant)
         for adapter in adapters:
             check_adapter_fits(pipe, adapter)
     except (FileNotFoundError, ValueError) as error:

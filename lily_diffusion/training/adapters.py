@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from diffusers import StableDiffusionXLPipeline
+from diffusers import ModelMixin, StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import (
     convert_all_state_dict_to_peft,
@@ -26,7 +26,7 @@ from diffusers.utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -130,7 +130,11 @@ def _add_lora(args: argparse.Namespace, model: nn.Module, targets: list[str] | s
         target_modules=_copy_targets(targets),
     )
     try:
-        model.add_adapter(config)
+        if isinstance(model, ModelMixin):
+            model.add_adapter(config)
+        else:  # transformers' add_adapter wants peft >= 0.22 (transformers 5), above every released peft
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+            model.peft_config = {ADAPTER_NAME: config}  # as add_adapter records it; the saved metadata reads it
     except (ValueError, TypeError) as err:
         raise TrainingError(f"cannot add LoRA: {err}") from err
     return [p for p in model.parameters() if p.requires_grad]
