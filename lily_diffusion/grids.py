@@ -25,13 +25,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from .lora_files import LORA_WEIGHT_NAME, is_lora_file
 from .patterns import shorten
 from .pipeline import check_lily_weights, load_lily_weights, unload_lily_weights
 from .serialization import COMPONENTS, FORMAT, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 GRID_ADAPTER_NAME = "grid"  # the name each adapter is loaded under while its column is generated
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,13 +58,13 @@ def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdap
     """
     path = Path(path_or_dir)
     if path.is_dir():
-        candidates = [path / WEIGHTS_NAME, path / LORA_WEIGHTS_NAME]
+        candidates = [path / WEIGHTS_NAME, path / LORA_WEIGHT_NAME]
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         pickles = sorted(p.name for p in Path(path_or_dir).glob("*.bin")) if Path(path_or_dir).is_dir() else []
         hint = f"; found {', '.join(pickles)}, but pickle files are not loaded (they can run code)" if pickles else ""
         raise FileNotFoundError(
-            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHTS_NAME}){hint}."
+            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHT_NAME}){hint}."
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -78,7 +78,7 @@ def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdap
         ) from None
     if metadata.get("format") == FORMAT:
         kind = "lily"
-    elif any("lora" in key.lower() for key in keys):
+    elif is_lora_file(keys):
         kind = "lora"
         if path.suffix != ".safetensors":  # diffusers would look for a pickle file under any other name
             raise ValueError(f"{path} is a LoRA file without the .safetensors suffix diffusers needs; rename it.")

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import numpy as np
 from diffusers.optimization import SchedulerType
 
+from ..backends import BACKENDS, DEFAULT_ADAPTER
 from ..config import TEXT_ENCODER_TARGET_MODULES as DEFAULT_TEXT_ENCODER_TARGETS
 from ..config import UNET_TARGET_MODULES as DEFAULT_UNET_TARGETS
 from ..config import LilyConfig
@@ -152,7 +153,9 @@ def _add_prior_args(p: argparse.ArgumentParser) -> None:
 
 def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
-    g.add_argument("--adapter", type=str.lower, default="lily", choices=["lily", "lora"], help="Adapter to train.")
+    g.add_argument(
+        "--adapter", type=str.lower, default=DEFAULT_ADAPTER, choices=list(BACKENDS), help="Adapter to train."
+    )
     g.add_argument("--lily_r", type=int, default=LILY_DEFAULTS.r, help="Lily rank r.")
     g.add_argument(
         "--lily_stride_A", type=int, default=LILY_DEFAULTS.stride_A, help="Consecutive layers sharing one A."
@@ -461,10 +464,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_choices(args: argparse.Namespace) -> None:
-    if args.adapter != "lora" and (args.use_dora or args.output_kohya_format):
-        raise TrainingError("--use_dora and --output_kohya_format need --adapter lora")
-    if args.adapter != "lily" and args.match_lora_budget is not None:
-        raise TrainingError("--match_lora_budget needs --adapter lily")
+    defaults = flag_defaults()
+    for kind, backend in BACKENDS.items():
+        flags = backend.exclusive_flags
+        if kind != args.adapter and any(getattr(args, name) != defaults[name] for name in flags):
+            names = " and ".join(f"--{name}" for name in flags)
+            raise TrainingError(f"{names} need{'s' if len(flags) == 1 else ''} --adapter {kind}")
     check_step_rules(args)
     check_lora_flags(args)
     apply_lora_defaults(args)
@@ -493,9 +498,14 @@ def module_targets(values: Sequence[str], flag: str) -> list[str] | str:
     return values[0]
 
 
+def flag_defaults() -> dict[str, object]:
+    """Every flag's default value, by name."""
+    return {action.dest: action.default for action in build_parser()._actions}
+
+
 def ignored_flags(args: argparse.Namespace) -> list[str]:
     """One warning for each flag set to a non-default value that this run will not use."""
-    defaults = {action.dest: action.default for action in build_parser()._actions}
+    defaults = flag_defaults()
     scheduler = args.lr_scheduler
     rules: tuple[tuple[bool, tuple[str, ...], str], ...] = (
         (
@@ -528,10 +538,12 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
             "without --train_text_encoder",
         ),
         (args.optimizer == "prodigy", ("text_encoder_lr",), "with --optimizer prodigy (one rate for all groups)"),
-        (
-            args.adapter != "lily",
-            ("lily_r", "lily_stride_A", "lily_num_B", "lily_scaling", "lily_routing"),
-            "with --adapter lora",
+        *(
+            (kind != args.adapter, other_flags, f"with --adapter {args.adapter}")
+            for kind, backend in BACKENDS.items()
+            if (
+                other_flags := tuple(f for f in backend.setting_flags if f not in BACKENDS[args.adapter].setting_flags)
+            )
         ),
         (args.match_lora_budget is not None, ("lily_r",), "with --match_lora_budget (it picks r)"),
         (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..backends import BACKENDS
 from .errors import TrainingError
 
 LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout")
@@ -19,9 +20,9 @@ LORA_DEFAULTS = {"rank": 4, "lora_dropout": 0.0}  # diffusers' defaults; lora_al
 
 
 def check_lora_flags(args: argparse.Namespace) -> None:
-    """LoRA-only flags given with `--adapter lily` are an error (one sentence)."""
+    """LoRA-only flags given with an adapter that does not take them (Lily) are an error (one sentence)."""
     given = [f"--{name}" for name in LORA_FLAGS if getattr(args, name) is not None]
-    if args.adapter == "lily" and given:
+    if given and not BACKENDS[args.adapter].takes_lora_settings:
         raise TrainingError(
             f"{', '.join(given)} {'is a LoRA setting' if len(given) == 1 else 'are LoRA settings'} with no Lily "
             "equivalent: size Lily with --lily_r (or --match_lora_budget RANK for the largest Lily not above a "

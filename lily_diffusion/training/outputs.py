@@ -14,7 +14,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from .adapters import ALL_WEIGHT_NAMES
+from ..backends import ALL_WEIGHT_NAMES
 from .checkpointing import leftovers, list_checkpoints
 from .errors import TrainingError
 from .model_card import write_run_card

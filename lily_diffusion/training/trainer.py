@@ -7,6 +7,7 @@ import logging
 import math
 import pickle
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import diffusers
@@ -20,18 +21,8 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .adapters import (
-    KOHYA_WEIGHT_NAME,
-    AdaptedModels,
-    TrainableAdapters,
-    add_adapters,
-    all_finite,
-    lily_config_from_args,
-    save_adapter_weights,
-    tensor_bytes,
-    weight_name_for,
-    write_kohya_copy,
-)
+from ..backends import AdapterError, AdapterOptions, get_backend
+from .adapters import AdaptedModels, TrainableAdapters, add_adapters, all_finite, tensor_bytes
 from .args import ignored_flags
 from .checkpointing import (
     TrainState,
@@ -111,13 +102,20 @@ def shared_seed(accelerator: Accelerator, seed: int | None) -> int:
     return seed
 
 
+def adapter_options(args: argparse.Namespace) -> AdapterOptions:
+    """The adapter flags."""
+    return AdapterOptions(**{f.name: getattr(args, f.name) for f in fields(AdapterOptions)})
+
+
 def check_before_work(args: argparse.Namespace) -> None:
     """Warn about flags this run ignores; refuse invalid Lily values and an output or class folder that cannot
     be written (all cheap, before any image or model is read)."""
     for message in ignored_flags(args):
         logger.warning(message)
-    if args.adapter == "lily":
-        lily_config_from_args(args, args.target_modules)
+    try:
+        get_backend(args.adapter).check(adapter_options(args))
+    except AdapterError as err:
+        raise TrainingError(str(err)) from err
     check_writable_folder(args.output_dir, "--output_dir")
     if args.with_prior_preservation:
         check_class_data_dir(args.class_data_dir, args.num_class_images)
@@ -155,7 +153,8 @@ def prepare_models(
         if not is_xformers_available():
             raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers installed")
         components.unet.enable_xformers_memory_efficient_attention()
-    trainable = add_adapters(args, adapted, mixed_precision=weight_dtype != torch.float32)
+    backend = get_backend(args.adapter)
+    trainable = add_adapters(backend, adapter_options(args), adapted, mixed_precision=weight_dtype != torch.float32)
     if args.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -280,13 +279,12 @@ def finish(
     accelerator.wait_for_everyone()
     if not all_finite(parameters):
         raise TrainingError(f"the adapter weights are not finite at step {state.global_step}; nothing was written")
-    weight_names = [weight_name_for(args.adapter)] + ([KOHYA_WEIGHT_NAME] if args.output_kohya_format else [])
+    backend, options = get_backend(args.adapter), adapter_options(args)
+    weight_names = backend.output_names(options)
     weight_file = Path(args.output_dir) / weight_names[0]
 
     def write() -> None:
-        save_adapter_weights(args.adapter, args.output_dir, adapted)
-        if args.output_kohya_format:
-            write_kohya_copy(args.output_dir)
+        backend.write_outputs(Path(args.output_dir), adapted.components(), options)
 
     error = agree_on_failure(attempt(write) if accelerator.is_main_process else None)
     if error is not None:
@@ -353,7 +351,7 @@ def run_training(args: argparse.Namespace) -> Path:
         "num_processes": accelerator.num_processes,
     }
     state = TrainState(seed, run_layout=layout)
-    register_adapter_hooks(accelerator, args.adapter, adapted)
+    register_adapter_hooks(accelerator, get_backend(args.adapter), adapted)
     accelerator.register_for_checkpointing(state)
     trainable_parameters = trainable.unet_parameters + trainable.text_encoder_parameters
     if accelerator.is_main_process:

@@ -15,7 +15,7 @@ from diffusers import SchedulerMixin, StableDiffusionXLPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
 
-from .adapters import load_adapter_into_pipeline
+from ..backends import get_backend
 from .checkpointing import TrainState
 from .models import SDXLComponents
 
@@ -176,7 +176,7 @@ def final_validation(
         variant=args.variant,
         torch_dtype=weight_dtype,
     )
-    load_adapter_into_pipeline(args.adapter, pipeline, args.output_dir)
+    get_backend(args.adapter).load_into_pipeline(pipeline, args.output_dir)
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     images = render_validation_prompt(args, pipeline, seed, weight_dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lily_diffusion.backends import get_backend
 from lily_diffusion.config import LilyConfig
 from lily_diffusion.layer import LilyLinear
 from lily_diffusion.training.adapters import AdaptedModels, add_adapters
@@ -34,6 +35,7 @@ from lily_diffusion.training.data import (
 from lily_diffusion.training.errors import TrainingError
 from lily_diffusion.training.hub_dataset import row_image
 from lily_diffusion.training.paths import check_writable_folder
+from lily_diffusion.training.trainer import adapter_options
 from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline, build_tokenizer
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
@@ -369,7 +371,7 @@ def test_target_modules_are_suffixes_or_one_regex():
 
     def adapted(args, kind):
         unet = build_tiny_sdxl_pipeline(seed=0).unet
-        add_adapters(args, AdaptedModels(unet=unet), mixed_precision=False)
+        add_adapters(get_backend(args.adapter), adapter_options(args), AdaptedModels(unet=unet), mixed_precision=False)
         is_adapted = (lambda m: isinstance(m, LilyLinear)) if kind == "lily" else (lambda m: hasattr(m, "lora_A"))
         return {
             name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
