@@ -88,6 +88,10 @@ class AdapterBackend(ABC):
     def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
         """True when a safetensors file with this metadata and these tensor keys is one of this kind's files."""
 
+    @abstractmethod
+    def describe_file(self, path: Path, options: AdapterOptions) -> tuple[int, dict[str, str]]:
+        """Parameter count and per-component config (as shown on a model card) of a saved weight file."""
+
     def output_names(self, options: AdapterOptions) -> list[str]:
         """The final files a run writes (the weight file first)."""
         return [self.weight_name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -85,6 +86,12 @@ class LilyBackend(AdapterBackend):
 
     def load_into_pipeline(self, pipeline: StableDiffusionXLPipeline, directory: str | os.PathLike[str]) -> None:
         load_lily_weights(pipeline, directory)
+
+    def describe_file(self, path: Path, options: AdapterOptions) -> tuple[int, dict[str, str]]:
+        components = read_lily_file(path)
+        count = sum(tensor.numel() for weights in components.values() for tensor in weights.tensors.values())
+        configs = {name: json.dumps(weights.config.to_dict(), sort_keys=True) for name, weights in components.items()}
+        return count, configs
 
     def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
         return metadata.get("format") == FORMAT

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ from diffusers.utils import (
     convert_unet_state_dict_to_peft,
 )
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -83,6 +86,11 @@ class LoraBackend(AdapterBackend):
 
     def load_into_pipeline(self, pipeline: StableDiffusionXLPipeline, directory: str | os.PathLike[str]) -> None:
         pipeline.load_lora_weights(str(directory))
+
+    def describe_file(self, path: Path, options: AdapterOptions) -> tuple[int, dict[str, str]]:
+        with safe_open(str(path), framework="pt") as handle:  # the header only, no tensor loaded
+            count = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+        return count, {"LoRA": json.dumps({"rank": options.rank})}
 
     def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
         return is_lora_file(keys)

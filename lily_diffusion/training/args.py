@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, NoReturn
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..config import LilyConfig
 from .config_file import config_to_argv, load_config_file
 from .diffusers_flags import apply_lora_defaults, check_lora_flags, check_step_rules
 from .errors import TrainingError
+from .options import GROUP_TYPES, TrainingOptions
 
 INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming")
 LILY_DEFAULTS = LilyConfig()
@@ -503,8 +505,9 @@ def flag_defaults() -> dict[str, object]:
     return {action.dest: action.default for action in build_parser()._actions}
 
 
-def ignored_flags(args: argparse.Namespace) -> list[str]:
+def ignored_flags(options: TrainingOptions) -> list[str]:
     """One warning for each flag set to a non-default value that this run will not use."""
+    args = argparse.Namespace(**options.flags())
     defaults = flag_defaults()
     scheduler = args.lr_scheduler
     rules: tuple[tuple[bool, tuple[str, ...], str], ...] = (
@@ -595,3 +598,14 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     except TrainingError as err:
         parser.error(str(err))
     return args
+
+
+def options_from_args(args: argparse.Namespace) -> TrainingOptions:
+    """The typed options of parsed (and checked) flags: where the argparse Namespace stops."""
+    groups = [group(**{field.name: getattr(args, field.name) for field in fields(group)}) for group in GROUP_TYPES]
+    return TrainingOptions(*groups)
+
+
+def parse_options(input_args: Sequence[str] | None = None) -> TrainingOptions:
+    """`parse_args`, as typed options for `run_training`."""
+    return options_from_args(parse_args(input_args))

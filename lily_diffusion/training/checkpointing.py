@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS, AdapterBackend, AdapterError
+from ..messages import first_line
 from .adapters import AdaptedModels
 from .errors import TrainingError
 
@@ -290,7 +291,7 @@ def attempt(action: Callable[[], object]) -> str | None:
     try:
         action()
     except SAVE_ERRORS as err:
-        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return first_line(err)
     return None
 
 

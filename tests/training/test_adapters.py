@@ -9,10 +9,9 @@ from safetensors import safe_open
 from lily_diffusion import LilyConfig, count_lily_parameters, count_lora_parameters
 from lily_diffusion.backends import BACKENDS, get_backend
 from lily_diffusion.training.adapters import AdaptedModels, TrainableAdapters, add_adapters
-from lily_diffusion.training.args import parse_args
+from lily_diffusion.training.args import options_from_args, parse_args
 from lily_diffusion.training.checkpointing import load_adapter_weights_in_place
 from lily_diffusion.training.errors import TrainingError
-from lily_diffusion.training.trainer import adapter_options
 from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
@@ -27,7 +26,7 @@ def _models(train_text_encoder: bool) -> AdaptedModels:
 
 
 def _add(args, models: AdaptedModels) -> TrainableAdapters:
-    return add_adapters(get_backend(args.adapter), adapter_options(args), models, mixed_precision=False)
+    return add_adapters(get_backend(args.adapter), options_from_args(args).adapter, models, mixed_precision=False)
 
 
 def _randomize(parameters: list[torch.nn.Parameter], seed: int) -> None:
@@ -108,7 +107,7 @@ def test_resuming_with_another_adapter_or_config_is_refused(tmp_path):
 )
 def test_budget_count_is_the_trainable_count(adapter, extra):
     args = parse_args([*REQUIRED, "--adapter", adapter, *extra])
-    backend, options = get_backend(adapter), adapter_options(args)
+    backend, options = get_backend(adapter), options_from_args(args).adapter
     counted = backend.count_parameters(_models(False).unet, args.target_modules, options)
     assert counted == _add(args, _models(False)).num_parameters > 0
 
