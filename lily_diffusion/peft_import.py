@@ -1,9 +1,9 @@
 """Import a peft Lily adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
 
-peft saves one copy of every shared tensor per layer (design §5, defect 2); the import keeps one,
-after checking that the copies peft wrote really are equal wherever our layout shares. peft's
-layouts that cannot be expressed (a regex target that makes q and v share, defect 4; an
-overlapping-suffix group chosen by set order, defect 5) fail that check with a clear error.
+peft saves a copy of every shared tensor for each layer that uses it; the import keeps one, after
+checking that the copies peft wrote really are equal wherever our layout shares. peft layouts that
+cannot be expressed here (a regex target that makes q and v share one group; a group of overlapping
+suffixes chosen by set order) fail that check with a clear error.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The one-copy safetensors format (design §3): readable keys, config in the metadata, strict checks.
+"""The one-copy safetensors format: every shared tensor stored once, readable keys, the config in the metadata,
+strict checks when reading.
 
 Keys, below a component prefix (`unet.`, `text_encoder.`, `text_encoder_2.`):
   `{leader module path}.lily_A.weight`   an A, named after the first layer it serves   [r, in]
