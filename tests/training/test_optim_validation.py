@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from lily_diffusion.images import labelled_grid
-from lily_diffusion.training.args import parse_options
+from lily_diffusion.training.args import build_parser, parse_options
 from lily_diffusion.training.errors import TrainingError
 from lily_diffusion.training.optim import (
     build_lr_scheduler,
@@ -18,6 +19,7 @@ from lily_diffusion.training.optim import (
     parameter_groups,
     scale_learning_rates,
 )
+from lily_diffusion.training.outputs import REDACTED, write_training_args
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
 
@@ -74,3 +76,15 @@ def test_labelled_grid_keeps_every_image_below_the_label():
         assert (tile == color).all()
     label = np.asarray(grid.crop((0, 0, grid.width, band)))
     assert (label < 128).any() and (label == 255).any()  # dark text on white
+
+
+def test_training_args_json_records_the_flags_as_given(tmp_path):
+    flags = ["--scale_lr", "--learning_rate", "1e-4", "--train_batch_size", "2", "--hub_token", "hf_secret"]
+    options = parse_options([*REQUIRED, *flags, "--output_dir", str(tmp_path)])
+    scale_learning_rates(options.optim, num_processes=4)  # a derived value, never written back
+    write_training_args(options)
+    text = (tmp_path / "training_args.json").read_text()
+    recorded = json.loads(text)
+    assert recorded["learning_rate"] == 1e-4 and recorded["scale_lr"] is True and recorded["train_batch_size"] == 2
+    assert recorded["hub_token"] == REDACTED and "hf_secret" not in text
+    assert set(recorded) == {action.dest for action in build_parser()._actions if action.dest != "help"}
