@@ -18,11 +18,13 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
+from ..lora_files import LORA_WEIGHT_NAME
+from ..messages import one_line
 from ..pipeline import check_lily_weights, components_of, load_lily_weights
 from ..serialization import WEIGHTS_NAME
 from .analysis import analyse_layers, expert_use, summarise
 from .collect import collect_mixes
-from .lora import LORA_WEIGHTS_NAME, LoraLayer, lora_layer_stats, read_lora_file
+from .lora import LoraLayer, lora_layer_stats, read_lora_file
 from .report import InspectionReport, format_table, write_json, write_plots
 from .weights import lily_weight_stats
 
@@ -124,21 +126,16 @@ def load_pipeline(name: str) -> object:
     try:
         pipe = DiffusionPipeline.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the base pipeline {name}: {_one_line(error)}") from None
+        raise ValueError(f"cannot load the base pipeline {name}: {one_line(error, limit=600)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _one_line(error: BaseException, limit: int = 600) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_folders(adapter: Path, lora: Path | None) -> None:
     """Name the swap when a folder holds the other kind of file than the one asked for."""
-    if adapter.is_dir() and not (adapter / WEIGHTS_NAME).exists() and (adapter / LORA_WEIGHTS_NAME).is_file():
-        raise ValueError(f"{adapter} holds a LoRA ({LORA_WEIGHTS_NAME}), not a Lily adapter: pass it with --lora.")
-    if lora and lora.is_dir() and not (lora / LORA_WEIGHTS_NAME).exists() and (lora / WEIGHTS_NAME).is_file():
+    if adapter.is_dir() and not (adapter / WEIGHTS_NAME).exists() and (adapter / LORA_WEIGHT_NAME).is_file():
+        raise ValueError(f"{adapter} holds a LoRA ({LORA_WEIGHT_NAME}), not a Lily adapter: pass it with --lora.")
+    if lora and lora.is_dir() and not (lora / LORA_WEIGHT_NAME).exists() and (lora / WEIGHTS_NAME).is_file():
         raise ValueError(f"--lora {lora} holds a Lily adapter ({WEIGHTS_NAME}): pass it as the ADAPTER argument.")
 
 
@@ -182,7 +179,7 @@ def main(input_args: Sequence[str] | None = None) -> int:
     try:
         report = run_inspection(args)
     except (FileNotFoundError, ValueError, SafetensorError) as error:
-        raise SystemExit(f"lily-inspect: error: {_one_line(error, limit=2000)}") from None
+        raise SystemExit(f"lily-inspect: error: {one_line(error, limit=2000)}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(format_table(report))
