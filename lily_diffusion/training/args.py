@@ -23,7 +23,7 @@ from ..config import TEXT_ENCODER_TARGET_MODULES as DEFAULT_TEXT_ENCODER_TARGETS
 from ..config import UNET_TARGET_MODULES as DEFAULT_UNET_TARGETS
 from ..config import LilyConfig
 from .config_file import config_to_argv, load_config_file
-from .diffusers_flags import apply_lora_defaults, check_lora_flags, check_step_rules
+from .diffusers_flags import check_lora_flags, check_step_rules, lora_defaults
 from .errors import TrainingError
 from .options import GROUP_TYPES, TrainingOptions
 
@@ -472,9 +472,10 @@ def _check_choices(args: argparse.Namespace) -> None:
         if kind != args.adapter and any(getattr(args, name) != defaults[name] for name in flags):
             names = " and ".join(f"--{name}" for name in flags)
             raise TrainingError(f"{names} need{'s' if len(flags) == 1 else ''} --adapter {kind}")
-    check_step_rules(args)
-    check_lora_flags(args)
-    apply_lora_defaults(args)
+    check_step_rules(args.lr_scheduler, args.lr_step_rules)
+    check_lora_flags(vars(args), BACKENDS[args.adapter].takes_lora_settings)
+    for name, value in lora_defaults(vars(args)).items():
+        setattr(args, name, value)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise TrainingError("give --overwrite_output_dir (start over) or --resume_from_checkpoint (go on), not both")
 
