@@ -55,6 +55,7 @@ class AdapterBackend(ABC):
     """One adapter kind. Models are given as {component name ("unet", "text_encoder", ...): model}."""
 
     kind: ClassVar[str]  # the value of --adapter
+    display_name: ClassVar[str]  # how a model card names it
     weight_name: ClassVar[str]  # the file the final weights (and every checkpoint's) are written to
     file_names: ClassVar[tuple[str, ...]]  # every file a run of this kind may leave in --output_dir
     setting_flags: ClassVar[tuple[str, ...]] = ()  # flags only this kind reads (ignored, with a warning, by others)
@@ -91,6 +92,10 @@ class AdapterBackend(ABC):
     @abstractmethod
     def describe_file(self, path: Path, options: AdapterOptions) -> tuple[int, dict[str, str]]:
         """Parameter count and per-component config (as shown on a model card) of a saved weight file."""
+
+    @abstractmethod
+    def load_code(self, load_from: str) -> tuple[str, str]:
+        """(imports, one statement) that load the saved result from `load_from` into a pipeline named `pipe`."""
 
     def output_names(self, options: AdapterOptions) -> list[str]:
         """The final files a run writes (the weight file first)."""

@@ -38,6 +38,7 @@ class LilyBackend(AdapterBackend):
     """Lily adapters; --match_lora_budget picks the largest r within a LoRA rank's parameter count."""
 
     kind = "lily"
+    display_name = "Lily (Low-Rank Interconnected Adaptation across Layers)"
     weight_name = WEIGHTS_NAME
     file_names = (WEIGHTS_NAME,)
     setting_flags = tuple(flag for flag, _ in SETTINGS)
@@ -92,6 +93,9 @@ class LilyBackend(AdapterBackend):
         count = sum(tensor.numel() for weights in components.values() for tensor in weights.tensors.values())
         configs = {name: json.dumps(weights.config.to_dict(), sort_keys=True) for name, weights in components.items()}
         return count, configs
+
+    def load_code(self, load_from: str) -> tuple[str, str]:
+        return "from lily_diffusion import load_lily_weights\n", f"load_lily_weights(pipe, {load_from!r})"
 
     def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
         return metadata.get("format") == FORMAT

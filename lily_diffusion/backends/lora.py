@@ -33,6 +33,7 @@ class LoraBackend(AdapterBackend):
     """peft LoRA; --use_dora trains DoRA, --output_kohya_format adds a Kohya copy of the final file."""
 
     kind = "lora"
+    display_name = "LoRA"
     weight_name = LORA_WEIGHT_NAME
     file_names = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
     takes_lora_settings = True
@@ -91,6 +92,9 @@ class LoraBackend(AdapterBackend):
         with safe_open(str(path), framework="pt") as handle:  # the header only, no tensor loaded
             count = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
         return count, {"LoRA": json.dumps({"rank": options.rank})}
+
+    def load_code(self, load_from: str) -> tuple[str, str]:
+        return "", f"pipe.load_lora_weights({load_from!r})"
 
     def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
         return is_lora_file(keys)

@@ -29,7 +29,7 @@ COMMON_TAGS: tuple[str, ...] = ("dreambooth", "stable-diffusion-xl", "diffusers"
 class CardFacts:
     """Everything the card says; `load_from` is the hub repo id (or local folder) the snippet loads."""
 
-    adapter: str  # the backend's kind (--adapter)
+    backend: AdapterBackend  # the adapter kind: its name, tag and loading code
     base_model: str
     instance_prompt: str
     load_from: str
@@ -51,13 +51,12 @@ def model_card(facts: CardFacts) -> ModelCard:
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=_description(facts),
     )
-    return populate_model_card(card, tags=[facts.adapter, *COMMON_TAGS])
+    return populate_model_card(card, tags=[facts.backend.kind, *COMMON_TAGS])
 
 
 def _description(facts: CardFacts) -> str:
-    name = "Lily (Low-Rank Interconnected Adaptation across Layers)" if facts.adapter == "lily" else "LoRA"
     lines = [
-        f"# DreamBooth {name} adapter for {facts.base_model}",
+        f"# DreamBooth {facts.backend.display_name} adapter for {facts.base_model}",
         "",
         f"Trained with `train_dreambooth_lily.py` (lily_diffusion) on the base model `{facts.base_model}`.",
         f"Instance prompt: `{facts.instance_prompt}`.",
@@ -74,12 +73,7 @@ def _description(facts: CardFacts) -> str:
 
 
 def _snippet(facts: CardFacts) -> str:
-    if facts.adapter == "lily":
-        imports = "from lily_diffusion import load_lily_weights\n"
-        load = f"load_lily_weights(pipe, {facts.load_from!r})"
-    else:
-        imports = ""
-        load = f"pipe.load_lora_weights({facts.load_from!r})"
+    imports, load = facts.backend.load_code(facts.load_from)
     return (
         f"from diffusers import StableDiffusionXLPipeline\n{imports}\n"
         f"pipe = StableDiffusionXLPipeline.from_pretrained({facts.base_model!r})\n"
@@ -101,7 +95,7 @@ def write_model_card(
     folder = Path(output_dir)
     count, configs = backend.describe_file(folder / backend.weight_name, options)
     grid = FINAL_GRID if (folder / FINAL_GRID).is_file() else None
-    facts = CardFacts(backend.kind, base_model, instance_prompt, load_from, count, configs, validation_prompt, grid)
+    facts = CardFacts(backend, base_model, instance_prompt, load_from, count, configs, validation_prompt, grid)
     path = folder / CARD_NAME
     model_card(facts).save(path)
     return path
