@@ -10,25 +10,16 @@ The training logic lives in `lily_diffusion.training`; this file only parses fla
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-
-from lily_diffusion.training import TrainingError, run_training
-from lily_diffusion.training import parse_args as _parse_args
+from lily_diffusion.training import TrainingError, TrainingOptions, parse_options, run_training
 
 
-def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the flags (and --config_file); a bad flag prints one line and exits with status 2."""
-    return _parse_args(input_args)
-
-
-def main(args: argparse.Namespace) -> None:
+def main(options: TrainingOptions) -> None:
     """Train; a TrainingError becomes a one-line message and exit status 1."""
     try:
-        run_training(args)
+        run_training(options)
     except TrainingError as err:
         raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_options())

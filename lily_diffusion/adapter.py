@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 from .base_state import adapters_container, forget_adapters_container
 from .config import LilyConfig
 from .features import attention_parents, call_scale_of, offload, offload_hooks, onload, wrap_fused_projections
-from .functional import add_lily_, lily_delta
+from .functional import add_lily_
 from .layer import LilyLinear, LilyMergeError
 from .projection_cache import DownProjectionCache
 from .sharing import ADAPTERS_ATTRIBUTE, LayerSlot, LilyLayout, build_layout
@@ -112,17 +112,6 @@ class LilyAdapter(nn.Module):
         for handle in self.hooks:
             handle.remove()
         self.hooks = []
-
-    def delta(self, x: torch.Tensor, slot: LayerSlot) -> torch.Tensor:
-        """The adapter's output for one layer's input (not added anywhere; no cache)."""
-        return lily_delta(
-            x,
-            self.lily_A[slot.a_index],
-            self.lily_router[slot.router_index],
-            self.lily_B[slot.group],
-            self.config.scaling * self.scale,
-            self.config.routing,
-        )
 
     def merge(self, *args: object) -> None:
         raise LilyMergeError()

@@ -1,4 +1,5 @@
-"""Lily's math as plain tensor functions (design §1). Modules only wire parameters to these.
+"""Lily's math as plain tensor functions: h = A x, p = softmax(router h) averaged over the tokens of each sample
+(or of the whole batch), y = scaling * h (sum_e p_e B_e). Modules only wire parameters to these.
 
 Shapes: x [..., in] with a leading batch dimension when it has two or more dimensions;
 A [r, in] (a Linear weight), router [num_B, r], B [num_B, r, out].

@@ -7,7 +7,6 @@ Works the same on the real SDXL pipeline and the bundled toy one. Lily files loa
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import os
@@ -19,19 +18,20 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
-from diffusers.utils import make_image_grid
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from .images import generate, labelled_grid
+from .lora_files import LORA_WEIGHT_NAME, is_lora_file
+from .messages import one_line
 from .patterns import shorten
 from .pipeline import check_lily_weights, load_lily_weights, unload_lily_weights
 from .serialization import COMPONENTS, FORMAT, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 GRID_ADAPTER_NAME = "grid"  # the name each adapter is loaded under while its column is generated
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,13 +58,13 @@ def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdap
     """
     path = Path(path_or_dir)
     if path.is_dir():
-        candidates = [path / WEIGHTS_NAME, path / LORA_WEIGHTS_NAME]
+        candidates = [path / WEIGHTS_NAME, path / LORA_WEIGHT_NAME]
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         pickles = sorted(p.name for p in Path(path_or_dir).glob("*.bin")) if Path(path_or_dir).is_dir() else []
         hint = f"; found {', '.join(pickles)}, but pickle files are not loaded (they can run code)" if pickles else ""
         raise FileNotFoundError(
-            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHTS_NAME}){hint}."
+            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHT_NAME}){hint}."
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -73,12 +73,12 @@ def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdap
             count = sum(_numel(handle.get_slice(key).get_shape()) for key in keys if not key.endswith(".alpha"))
     except (SafetensorError, OSError) as error:
         raise ValueError(
-            f"{path} is not a readable safetensors file ({_one_line(error)}); lily-grid reads only safetensors "
+            f"{path} is not a readable safetensors file ({one_line(error)}); lily-grid reads only safetensors "
             "adapters (a truncated download, or a pickle .bin/.pt file, which is never loaded since it can run code)."
         ) from None
     if metadata.get("format") == FORMAT:
         kind = "lily"
-    elif any("lora" in key.lower() for key in keys):
+    elif is_lora_file(keys):
         kind = "lora"
         if path.suffix != ".safetensors":  # diffusers would look for a pickle file under any other name
             raise ValueError(f"{path} is a LoRA file without the .safetensors suffix diffusers needs; rename it.")
@@ -110,7 +110,7 @@ def check_adapter_fits(pipe: StableDiffusionXLPipeline, adapter: GridAdapter) ->
     except Exception as error:  # whatever diffusers or peft raise: this file cannot be used with this pipeline
         raise ValueError(
             f"{where} does not fit the base model: diffusers cannot load it ({type(error).__name__}: "
-            f"{_one_line(error)})."
+            f"{one_line(error)})."
         ) from None
     finally:
         pipe.unload_lora_weights()
@@ -140,12 +140,6 @@ def _lora_parameter_count(pipe: StableDiffusionXLPipeline) -> int:
     )
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, cut to `limit` characters (library messages can run to pages)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _numel(shape: Sequence[int]) -> int:
     total = 1
     for size in shape:
@@ -168,98 +162,21 @@ def generate_for_adapter(
     elif adapter.kind == "lora":
         _load_lora(pipe, adapter)
     try:
-        images: list[Image.Image] = []
-        for prompt in prompts:
-            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-            images += pipe(
-                prompt=[prompt] * len(seeds),
-                generator=generators,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=size,
-                width=size,
-            ).images
-        return images
+        pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+        return generate(
+            pipe,
+            [prompt for prompt, _ in pairs],
+            [seed for _, seed in pairs],
+            num_inference_steps,
+            guidance_scale,
+            size,
+            batch_size=len(seeds),  # one pipeline call per prompt
+        )
     finally:
         if adapter.kind == "lily":
             unload_lily_weights(pipe, GRID_ADAPTER_NAME)
         elif adapter.kind == "lora":
             pipe.unload_lora_weights()
-
-
-def labelled_grid(
-    columns: Sequence[Sequence[Image.Image]],
-    row_labels: Sequence[str],
-    column_labels: Sequence[str],
-    cell_size: int | None = None,
-) -> Image.Image:
-    """Lay out `columns[c][r]` with the column labels on top and the row labels on the left."""
-    cells = [image for row in range(len(row_labels)) for image in (column[row] for column in columns)]
-    if cell_size is not None:
-        cells = [image.resize((cell_size, cell_size), Image.Resampling.NEAREST) for image in cells]
-    body = make_image_grid(cells, rows=len(row_labels), cols=len(columns))
-    cell_width, cell_height = body.width // len(columns), body.height // len(row_labels)
-    font = fitting_label_font([*column_labels], cell_width)
-    measure = ImageDraw.Draw(body)
-    left_margin = 8 + max(measure.textlength(label, font=font) for label in row_labels)
-    wrapped = [_wrap(label, cell_width, font, measure) for label in column_labels]
-    line_height = font.getbbox("Ag")[3] + 2
-    top_margin = 8 + line_height * max(len(lines) for lines in wrapped)
-    canvas = Image.new("RGB", (int(left_margin) + body.width, top_margin + body.height), "white")
-    canvas.paste(body, (int(left_margin), top_margin))
-    draw = ImageDraw.Draw(canvas)
-    for index, lines in enumerate(wrapped):
-        for line_number, line in enumerate(lines):
-            draw.text((int(left_margin) + index * cell_width + 2, 4 + line_number * line_height), line, "black", font)
-    for index, label in enumerate(row_labels):
-        draw.text((4, top_margin + index * cell_height + cell_height // 2 - line_height // 2), label, "black", font)
-    return canvas
-
-
-@functools.lru_cache(maxsize=32)
-def label_font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """DejaVu Sans (the TrueType font matplotlib ships) at `size` pixels; Pillow's default font at that size if
-    matplotlib is not installed."""
-    try:
-        from matplotlib import font_manager
-    except ImportError:
-        return ImageFont.load_default(size)
-    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-
-
-def fitting_label_font(
-    labels: Sequence[str], width: int, largest: int = 13, smallest: int = 7
-) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """The largest `label_font` (from `largest` down to `smallest` pixels) in which every word of `labels` fits
-    `width` pixels with `_wrap`'s margin, so wrapped labels break between words, not inside them."""
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    words = [word for label in labels for word in label.split()]
-    for size in range(largest, smallest, -1):
-        font = label_font(size)
-        if all(measure.textlength(word, font=font) <= width - 4 for word in words):
-            return font
-    return label_font(smallest)
-
-
-def _wrap(text: str, width: int, font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw) -> list[str]:
-    """Greedy word wrap to `width` pixels; a word wider than that is cut into pieces that fit."""
-
-    def fits(line: str) -> bool:
-        return draw.textlength(line, font=font) <= width - 4
-
-    lines: list[str] = []
-    for word in text.split():
-        if lines and fits(f"{lines[-1]} {word}"):
-            lines[-1] += f" {word}"
-            continue
-        while len(word) > 1 and not fits(word):
-            cut = len(word) - 1
-            while cut > 1 and not fits(word[:cut]):
-                cut -= 1
-            lines.append(word[:cut])
-            word = word[cut:]
-        lines.append(word)
-    return lines or [""]
 
 
 def comparison_grid(
@@ -310,27 +227,32 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", default=None, help="Weight files of this variant, e.g. fp16 (as diffusers).")
     parser.add_argument("--output", default="grid.png", help="Where to write the image (PNG, or another PIL format).")
     args = parser.parse_args(input_args)
-    problem = _argument_problem(args)
+    problem = _argument_problem(**{name: getattr(args, name) for name in ARGUMENTS_CHECKED})
     if problem:
         parser.error(problem)
     return args
 
 
-def _argument_problem(args: argparse.Namespace) -> str | None:
+ARGUMENTS_CHECKED = ("adapter", "no_base", "resolution", "output", "pretrained_model_name_or_path")
+
+
+def _argument_problem(
+    adapter: list[str], no_base: bool, resolution: int | None, output: str, pretrained_model_name_or_path: str
+) -> str | None:
     """The first argument lily-grid cannot use, as a sentence, or None."""
     names = []
-    for spec in args.adapter:
+    for spec in adapter:
         name, _, path = spec.partition("=")
         if not name or not path:
             return f"--adapter takes NAME=PATH with both parts non-empty, got {spec!r}"
         names.append(name)
     if len(set(names)) != len(names):
         return f"--adapter names must differ, got {names}"
-    if args.no_base and not args.adapter:
+    if no_base and not adapter:
         return "--no_base leaves no column to draw: give at least one --adapter"
-    if args.resolution is not None and args.resolution % 8:
-        return f"--resolution must be a multiple of 8 (SDXL's VAE and UNet need it), got {args.resolution}"
-    return _output_problem(Path(args.output)) or _base_problem(args.pretrained_model_name_or_path)
+    if resolution is not None and resolution % 8:
+        return f"--resolution must be a multiple of 8 (SDXL's VAE and UNet need it), got {resolution}"
+    return _output_problem(Path(output)) or _base_problem(pretrained_model_name_or_path)
 
 
 def _output_problem(output: Path) -> str | None:
@@ -395,7 +317,7 @@ def load_base(name: str, dtype: torch.dtype, variant: str | None = None) -> Stab
     try:
         return StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype, variant=variant)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the base model {shorten(name)}: {_one_line(error)}") from None
+        raise ValueError(f"cannot load the base model {shorten(name)}: {one_line(error)}") from None
 
 
 def main(input_args: Sequence[str] | None = None) -> int:
@@ -411,7 +333,7 @@ def main(input_args: Sequence[str] | None = None) -> int:
         for adapter in adapters:
             check_adapter_fits(pipe, adapter)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"lily-grid: error: {_one_line(error, limit=2000)}") from None
+        raise SystemExit(f"lily-grid: error: {one_line(error, limit=2000)}") from None
     if not args.no_base:
         adapters.insert(0, GridAdapter("base", None, "base", 0))
     grid = comparison_grid(

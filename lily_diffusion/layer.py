@@ -7,15 +7,13 @@ The adapter parameters are owned by a `LilyAdapter` (shared across layers), neve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .adapter import LilyAdapter
-    from .sharing import LayerSlot
+from .sharing import LayerSlot
 
 MERGE_ERROR = (
     "Lily cannot be merged into the base weights: its up-projection is a mix of experts "
@@ -23,6 +21,14 @@ MERGE_ERROR = (
     "single weight delta to add to W. Keep the adapter as separate layers (load_lily_weights / "
     "set_lily_scale), or train a LoRA if you need an adapter that can be fused."
 )
+
+
+class SlotAdapter(Protocol):
+    """What a layer needs of an adapter (a `LilyAdapter`): whether it is on, and its weighted output added in place."""
+
+    enabled: bool
+
+    def add_to(self, result: torch.Tensor, x: torch.Tensor, slot: LayerSlot, weight: float = 1.0) -> torch.Tensor: ...
 
 
 class LilyMergeError(NotImplementedError):
@@ -39,6 +45,8 @@ class LilyLinear(nn.Linear):
     adapter routing every sample on its own.
     """
 
+    wraps_linear = True  # the layout (sharing.find_targets) adapts it like the nn.Linear it wraps
+
     def __init__(self, base_layer: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features = base_layer.in_features
@@ -47,7 +55,7 @@ class LilyLinear(nn.Linear):
         self.bias = base_layer.bias
         # Plain attributes (not submodules): the original layer and the adapters are owned elsewhere.
         self.original_layer = _Unregistered(base_layer)
-        self.adapters: dict[str, LilyAdapter] = {}
+        self.adapters: dict[str, SlotAdapter] = {}
         self.slots: dict[str, LayerSlot] = {}
         self.active_adapters: dict[str, float] = {}
 

@@ -1,9 +1,9 @@
 """Import a peft Lily adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
 
-peft saves one copy of every shared tensor per layer (design §5, defect 2); the import keeps one,
-after checking that the copies peft wrote really are equal wherever our layout shares. peft's
-layouts that cannot be expressed (a regex target that makes q and v share, defect 4; an
-overlapping-suffix group chosen by set order, defect 5) fail that check with a clear error.
+peft saves a copy of every shared tensor for each layer that uses it; the import keeps one, after
+checking that the copies peft wrote really are equal wherever our layout shares. peft layouts that
+cannot be expressed here (a regex target that makes q and v share one group; a group of overlapping
+suffixes chosen by set order) fail that check with a clear error.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapter import LilyAdapter, add_lily, lily_adapters, remove_lily
+from .adapter import LilyAdapter
 from .config import LilyConfig
 from .patterns import shorten
-from .serialization import LilyComponentWeights, LilyFileError, check_finite, check_fits, copy_into_adapter
+from .serialization import LilyComponentWeights, LilyFileError, attach_lily_weights, check_finite
 from .sharing import LilyLayout, build_layout
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -78,13 +78,7 @@ def import_peft_lily(
     `routing="batch"` (the default) computes exactly what peft computes; pass "sample" to get
     batch-invariant outputs from the same weights.
     """
-    weights = read_peft_lily(peft_dir, model, routing)
-    check_fits(model, weights, "peft")
-    if adapter_name in lily_adapters(model):
-        remove_lily(model, adapter_name)
-    adapter = add_lily(model, weights.config, adapter_name)
-    copy_into_adapter(adapter, weights.tensors)
-    return adapter
+    return attach_lily_weights(model, read_peft_lily(peft_dir, model, routing), adapter_name, "peft")
 
 
 def _per_layer_tensors(

@@ -8,20 +8,12 @@ from collections.abc import Sequence
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
-from .adapter import (
-    LilyAdapter,
-    activate_lily,
-    activate_lily_stack,
-    add_lily,
-    get_lily_adapter,
-    lily_adapters,
-    remove_lily,
-)
+from .adapter import LilyAdapter, activate_lily, activate_lily_stack, get_lily_adapter, lily_adapters, remove_lily
 from .config import check_multiplier
 from .features import follow_lora_scale
 from .hub import LilySource, lily_source_components
 from .layer import LilyMergeError
-from .serialization import COMPONENTS, LilyComponentWeights, check_fits, copy_into_adapter
+from .serialization import COMPONENTS, LilyComponentWeights, attach_lily_weights, check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +58,8 @@ def load_lily_weights(
     scale = check_multiplier("scale", scale)
     source = (pretrained_model_name_or_path_or_dict, weight_name, subfolder)
     targets = _checked_targets(pipe_or_model, source, component, hub_kwargs)
-    for model, weights in targets.values():
-        if adapter_name in lily_adapters(model):
-            remove_lily(model, adapter_name)
-        adapter = add_lily(model, weights.config, adapter_name)
-        copy_into_adapter(adapter, weights.tensors)
-        adapter.scale = scale
+    for name, (model, weights) in targets.items():
+        attach_lily_weights(model, weights, adapter_name, name).scale = scale
     follow_pipeline_scale(pipe_or_model)
     logger.info("Loaded Lily adapter %r into %s.", adapter_name, ", ".join(targets))
 

@@ -1,4 +1,5 @@
-"""The one-copy safetensors format (design §3): readable keys, config in the metadata, strict checks.
+"""The one-copy safetensors format: every shared tensor stored once, readable keys, the config in the metadata,
+strict checks when reading.
 
 Keys, below a component prefix (`unet.`, `text_encoder.`, `text_encoder_2.`):
   `{leader module path}.lily_A.weight`   an A, named after the first layer it serves   [r, in]
@@ -20,8 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import LilyAdapter, get_lily_adapter
+from .adapter import LilyAdapter, add_lily, get_lily_adapter, lily_adapters, remove_lily
 from .config import LilyConfig
+from .lora_files import is_lora_file
 from .patterns import shorten
 from .sharing import LilyLayout, build_layout
 
@@ -233,7 +235,7 @@ def _parse_config(config_json: str, source: str, component: str) -> LilyConfig:
 def _check_format(path: object, metadata: dict[str, str], keys: list[str]) -> None:
     file_format = metadata.get("format")
     if file_format != FORMAT:
-        if any("lora" in key.lower() for key in keys):
+        if is_lora_file(keys):
             hint = "it looks like a LoRA file: load it with pipe.load_lora_weights()"
         elif any(".lily_" in key for key in keys):
             hint = "it looks like a peft Lily adapter: convert it with lily_diffusion.import_peft_lily()"
@@ -298,6 +300,35 @@ def copy_into_adapter(adapter: LilyAdapter, tensors: dict[str, torch.Tensor]) ->
     with torch.no_grad():
         for key, parameter in layout_tensors(adapter):
             parameter.copy_(tensors[key])
+
+
+def attach_lily_weights(
+    model: nn.Module,
+    weights: LilyComponentWeights,
+    adapter_name: str = "default",
+    component: str = "model",
+    replace: bool = True,
+) -> LilyAdapter:
+    """Put checked weights into `model` as the Lily adapter `adapter_name`, and return it.
+
+    `replace=True`: check the weights against the model, remove any adapter of that name, add a new one with the
+    weights' config and copy the weights in (pipeline loading, peft import). `replace=False`: copy them into the
+    existing adapter, whose parameters (and an optimizer's references to them) stay; its config must be the
+    weights' (resuming a training run). Nothing changes when a check fails (`LilyFileError`).
+    """
+    if not replace and get_lily_adapter(model, adapter_name).config != weights.config:
+        raise LilyFileError(
+            f"The {component} weights were saved with another Lily config than adapter {adapter_name!r} has."
+        )
+    check_fits(model, weights, component)
+    if replace:
+        if adapter_name in lily_adapters(model):
+            remove_lily(model, adapter_name)
+        adapter = add_lily(model, weights.config, adapter_name)
+    else:
+        adapter = get_lily_adapter(model, adapter_name)
+    copy_into_adapter(adapter, weights.tensors)
+    return adapter
 
 
 def _few(items: list[str], limit: int = 3) -> str:

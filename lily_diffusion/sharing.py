@@ -1,6 +1,8 @@
-"""Which layers Lily adapts and which of them share an A or a B pool (design §2).
+"""Which layers Lily adapts and which of them share an A or a B pool.
 
-The layout is a pure function of the config and the model's module names and shapes: the saver,
+Targeted layers are grouped by (target name, weight shape); inside a group every `stride_A` consecutive layers
+share one down-projection A, the whole group shares one pool of `num_B` up-projection experts B, and every layer has
+its own router. The layout is a pure function of the config and the model's module names and shapes: the saver,
 the loader and the parameter counter all rebuild it the same way, so files need no index.
 """
 
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import LilyConfig
-from .layer import LilyLinear
 from .patterns import PatternMatcher
 from .wrappers import is_peft_layer, linear_at
 
@@ -130,9 +131,9 @@ def find_targets(model: nn.Module, config: LilyConfig) -> list[tuple[str, str, n
         if target is None or is_excluded(path, excludes, matcher):
             continue
         linear = linear_at(model, path)  # under a LoRA wrapper: its base layer
-        # Exactly nn.Linear (or our wrapper of one): a subclass with its own forward (quantized, ...)
+        # Exactly nn.Linear (or our wrapper of one, which says so): a subclass with its own forward (quantized, ...)
         # would be silently bypassed by LilyLinear's F.linear.
-        if type(linear) not in (nn.Linear, LilyLinear):
+        if type(linear) is not nn.Linear and not getattr(type(linear), "wraps_linear", False):
             raise TypeError(
                 f"Lily can only adapt nn.Linear layers, but target {target!r} matched {path!r} "
                 f"of type {type(linear).__name__}{'' if linear is module else ' (under a peft wrapper)'}. "

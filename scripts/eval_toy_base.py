@@ -66,7 +66,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     prompts = attribute_prompts(args.n)
     seeds = list(range(len(prompts)))
     started = time.perf_counter()
-    images = generate(pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale)
+    images = generate(pipe, prompts, seeds, args.steps, args.guidance_scale)
     seconds = time.perf_counter() - started
     fidelity = evaluator.prompt_fidelity(images, prompts)
     asked = [parse_prompt(p) for p in prompts]

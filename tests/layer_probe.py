@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lily_diffusion.functional import lily_delta as functional_lily_delta
 from lily_diffusion.layer import LilyLinear
 from lily_diffusion.wrappers import linear_at
 
@@ -42,8 +43,16 @@ def lily_delta(model: nn.Module, path: str, x: torch.Tensor, adapter_name: str) 
     """One Lily adapter's own output at `path`, computed by the adapter alone (no stacking, no cache)."""
     layer = linear_at(model, path)
     assert isinstance(layer, LilyLinear)
+    adapter, slot = layer.adapters[adapter_name], layer.slots[adapter_name]
     with torch.no_grad():
-        return layer.adapters[adapter_name].delta(x, layer.slots[adapter_name])
+        return functional_lily_delta(
+            x,
+            adapter.lily_A[slot.a_index],
+            adapter.lily_router[slot.router_index],
+            adapter.lily_B[slot.group],
+            adapter.config.scaling * adapter.scale,
+            adapter.config.routing,
+        )
 
 
 def lora_delta(model: nn.Module, path: str, x: torch.Tensor, adapter_name: str = "default") -> torch.Tensor:

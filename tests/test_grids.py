@@ -8,7 +8,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageDraw, ImageFont
 
 from lily_diffusion import LilyConfig, add_lily, remove_lily, save_lily_weights
-from lily_diffusion.grids import GridAdapter, _wrap, comparison_grid, describe_adapter, labelled_grid, main
+from lily_diffusion.grids import GridAdapter, comparison_grid, describe_adapter, main
+from lily_diffusion.images import _wrap, labelled_grid
 
 
 @pytest.fixture

@@ -24,3 +24,13 @@ def test_python_example_runs(tiny_sdxl_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     saved = tmp_path / "my-lily" / "pytorch_lily_weights.safetensors"
     assert saved.is_file() and saved.stat().st_size > 5_000
+
+
+def test_layout_section_lists_every_library_module():
+    layout = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    package = README.parent / "lily_diffusion"
+    modules = sorted(f"lily_diffusion/{path.relative_to(package).as_posix()}" for path in package.rglob("*.py"))
+    missing = [module for module in modules if f"`{module}`" not in layout]
+    assert modules and not missing, f"README's Layout section lacks {missing}"
+    for folder in ("toyworld/", "benchmarks/", "scripts/"):
+        assert f"`{folder}`" in layout

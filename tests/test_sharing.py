@@ -145,3 +145,14 @@ def test_linear_subclasses_with_their_own_forward_are_refused():
     model.add_module("to_q", QuantizedLinear(4, 4))
     with pytest.raises(TypeError, match=r"matched 'to_q' of type QuantizedLinear"):
         build_layout(model, LilyConfig(target_modules=["to_q"]))
+
+
+def test_the_layout_module_imports_no_module_that_builds_on_it():
+    import ast
+    from pathlib import Path
+
+    import lily_diffusion.sharing as sharing
+
+    tree = ast.parse(Path(sharing.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"layer", "adapter", "serialization", "pipeline"}

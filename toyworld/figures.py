@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 
-from lily_diffusion.grids import GridAdapter, _wrap, generate_for_adapter, label_font, labelled_grid
+from lily_diffusion.grids import GridAdapter, generate_for_adapter
+from lily_diffusion.images import _wrap, label_font, labelled_grid
 
 from .subjects import Subject
 

@@ -4,4 +4,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the package's modules (pkgutil.walk_packages) must not run it
+    sys.exit(main())

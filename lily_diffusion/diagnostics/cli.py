@@ -18,11 +18,13 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
+from ..lora_files import LORA_WEIGHT_NAME
+from ..messages import one_line
 from ..pipeline import check_lily_weights, components_of, load_lily_weights
 from ..serialization import WEIGHTS_NAME
 from .analysis import analyse_layers, expert_use, summarise
 from .collect import collect_mixes
-from .lora import LORA_WEIGHTS_NAME, LoraLayer, lora_layer_stats, read_lora_file
+from .lora import LoraLayer, lora_layer_stats, read_lora_file
 from .report import InspectionReport, format_table, write_json, write_plots
 from .weights import lily_weight_stats
 
@@ -71,22 +73,35 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="lily-inspect", help="Folder for report.json and the PNGs.")
     parser.add_argument("--no_plots", action="store_true", help="Write the table and JSON only (no matplotlib).")
     args = parser.parse_args(input_args)
-    problem = _argument_problem(args)
+    problem = _argument_problem(**{name: getattr(args, name) for name in (*PIPELINE_ONLY, *CHECKED)})
     if problem:
         parser.error(problem)
     return args
 
 
-def _argument_problem(args: argparse.Namespace) -> str | None:
-    if args.pipeline is None:
-        given = [f"--{name}" for name in PIPELINE_ONLY if getattr(args, name) is not None]
+CHECKED = ("pipeline", "out", "no_plots")
+
+
+def _argument_problem(
+    pipeline: str | None,
+    prompts: list[str] | None,
+    num_inference_steps: int | None,
+    seed: int | None,
+    resolution: int | None,
+    out: str,
+    no_plots: bool,
+) -> str | None:
+    """The first argument lily-inspect cannot use, as a sentence, or None."""
+    values = {"prompts": prompts, "num_inference_steps": num_inference_steps, "seed": seed, "resolution": resolution}
+    if pipeline is None:
+        given = [f"--{name}" for name in PIPELINE_ONLY if values[name] is not None]
         if given:
             return f"{', '.join(given)} given without --pipeline: they choose what runs through the pipeline"
-    if args.prompts is not None and not all(p.strip() for p in args.prompts):
+    if prompts is not None and not all(p.strip() for p in prompts):
         return "--prompts must not be empty strings"
-    if args.resolution is not None and args.resolution % 8:
-        return f"--resolution must be a multiple of 8 (SDXL's VAE and UNet need it), got {args.resolution}"
-    out = Path(args.out)
+    if resolution is not None and resolution % 8:
+        return f"--resolution must be a multiple of 8 (SDXL's VAE and UNet need it), got {resolution}"
+    out = Path(out)
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; give a folder"
     parent = next(p for p in out.absolute().parents if p.exists()) if not out.exists() else out
@@ -94,7 +109,7 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return f"--out {out} is under {parent}, which is a file"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"--out {out}: cannot write under {parent}"
-    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:
         return "the plots need matplotlib: pip install 'lily_diffusion[diagnostics]', or pass --no_plots"
     return None
 
@@ -124,44 +139,50 @@ def load_pipeline(name: str) -> object:
     try:
         pipe = DiffusionPipeline.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the base pipeline {name}: {_one_line(error)}") from None
+        raise ValueError(f"cannot load the base pipeline {name}: {one_line(error, limit=600)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _one_line(error: BaseException, limit: int = 600) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_folders(adapter: Path, lora: Path | None) -> None:
     """Name the swap when a folder holds the other kind of file than the one asked for."""
-    if adapter.is_dir() and not (adapter / WEIGHTS_NAME).exists() and (adapter / LORA_WEIGHTS_NAME).is_file():
-        raise ValueError(f"{adapter} holds a LoRA ({LORA_WEIGHTS_NAME}), not a Lily adapter: pass it with --lora.")
-    if lora and lora.is_dir() and not (lora / LORA_WEIGHTS_NAME).exists() and (lora / WEIGHTS_NAME).is_file():
+    if adapter.is_dir() and not (adapter / WEIGHTS_NAME).exists() and (adapter / LORA_WEIGHT_NAME).is_file():
+        raise ValueError(f"{adapter} holds a LoRA ({LORA_WEIGHT_NAME}), not a Lily adapter: pass it with --lora.")
+    if lora and lora.is_dir() and not (lora / LORA_WEIGHT_NAME).exists() and (lora / WEIGHTS_NAME).is_file():
         raise ValueError(f"--lora {lora} holds a Lily adapter ({WEIGHTS_NAME}): pass it as the ADAPTER argument.")
 
 
-def run_inspection(args: argparse.Namespace) -> InspectionReport:
+INSPECTION = ("adapter", "lora", "pipeline", "prompts", "num_inference_steps", "seed", "resolution")
+
+
+def run_inspection(
+    adapter: str,
+    lora: str | None = None,
+    pipeline: str | None = None,
+    prompts: list[str] | None = None,
+    num_inference_steps: int | None = None,
+    seed: int | None = None,
+    resolution: int | None = None,
+) -> InspectionReport:
     """Check every input, then measure; raises a one-line `ValueError`/`FileNotFoundError` for a bad input."""
-    _check_folders(Path(args.adapter), Path(args.lora) if args.lora else None)
-    weights = lily_weight_stats(args.adapter)
-    lora = read_lora_file(args.lora) if args.lora else {}
+    _check_folders(Path(adapter), Path(lora) if lora else None)
+    weights = lily_weight_stats(adapter)
+    lora_file = read_lora_file(lora) if lora else {}
     pipe = None
-    if args.pipeline:
-        pipe = load_pipeline(args.pipeline)
-        check_lily_weights(pipe, args.adapter)
-        check_lora_fits(pipe, lora, args.lora)
-    lora_layers = lora_layer_stats(lora)
-    report = InspectionReport(str(args.adapter), args.lora, args.pipeline, weights, lora_layers, [], {})
+    if pipeline:
+        pipe = load_pipeline(pipeline)
+        check_lily_weights(pipe, adapter)
+        check_lora_fits(pipe, lora_file, lora)
+    lora_layers = lora_layer_stats(lora_file)
+    report = InspectionReport(str(adapter), lora, pipeline, weights, lora_layers, [], {})
     if pipe is not None:
-        load_lily_weights(pipe, args.adapter)
+        load_lily_weights(pipe, adapter)
         activations = collect_mixes(
             pipe,
-            args.prompts or list(DEFAULT_PROMPTS),
-            num_inference_steps=args.num_inference_steps or 4,
-            seed=args.seed or 0,
-            resolution=args.resolution,
+            prompts or list(DEFAULT_PROMPTS),
+            num_inference_steps=num_inference_steps or 4,
+            seed=seed or 0,
+            resolution=resolution,
         )
         report.layers = analyse_layers(pipe, activations, lora_layers)
         report.prompts, report.timesteps = activations.prompts, activations.timesteps
@@ -180,9 +201,9 @@ def main(input_args: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(input_args)
     try:
-        report = run_inspection(args)
+        report = run_inspection(**{name: getattr(args, name) for name in INSPECTION})
     except (FileNotFoundError, ValueError, SafetensorError) as error:
-        raise SystemExit(f"lily-inspect: error: {_one_line(error, limit=2000)}") from None
+        raise SystemExit(f"lily-inspect: error: {one_line(error, limit=2000)}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(format_table(report))

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..lora_files import LORA_WEIGHT_NAME
 from ..serialization import FORMAT
 from .stats import effective_rank, lora_singular_values
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _PAIRS = ((".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight"))
 
 
@@ -56,7 +56,7 @@ class LoraLayerStats:
 def resolve_lora_path(path_or_dir: str | os.PathLike[str]) -> Path:
     path = Path(path_or_dir)
     if path.is_dir():
-        path = path / LORA_WEIGHTS_NAME
+        path = path / LORA_WEIGHT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No LoRA weights file at {path}.")
     return path

@@ -12,17 +12,20 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, NoReturn
 
 import numpy as np
 from diffusers.optimization import SchedulerType
 
+from ..backends import BACKENDS, DEFAULT_ADAPTER
 from ..config import TEXT_ENCODER_TARGET_MODULES as DEFAULT_TEXT_ENCODER_TARGETS
 from ..config import UNET_TARGET_MODULES as DEFAULT_UNET_TARGETS
 from ..config import LilyConfig
 from .config_file import config_to_argv, load_config_file
-from .diffusers_flags import apply_lora_defaults, check_lora_flags, check_step_rules
+from .diffusers_flags import check_lora_flags, check_step_rules, lora_defaults
 from .errors import TrainingError
+from .options import GROUP_TYPES, TrainingOptions
 
 INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming")
 LILY_DEFAULTS = LilyConfig()
@@ -152,7 +155,9 @@ def _add_prior_args(p: argparse.ArgumentParser) -> None:
 
 def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
-    g.add_argument("--adapter", type=str.lower, default="lily", choices=["lily", "lora"], help="Adapter to train.")
+    g.add_argument(
+        "--adapter", type=str.lower, default=DEFAULT_ADAPTER, choices=list(BACKENDS), help="Adapter to train."
+    )
     g.add_argument("--lily_r", type=int, default=LILY_DEFAULTS.r, help="Lily rank r.")
     g.add_argument(
         "--lily_stride_A", type=int, default=LILY_DEFAULTS.stride_A, help="Consecutive layers sharing one A."
@@ -462,13 +467,16 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_choices(args: argparse.Namespace) -> None:
-    if args.adapter != "lora" and (args.use_dora or args.output_kohya_format):
-        raise TrainingError("--use_dora and --output_kohya_format need --adapter lora")
-    if args.adapter != "lily" and args.match_lora_budget is not None:
-        raise TrainingError("--match_lora_budget needs --adapter lily")
-    check_step_rules(args)
-    check_lora_flags(args)
-    apply_lora_defaults(args)
+    defaults = flag_defaults()
+    for kind, backend in BACKENDS.items():
+        flags = backend.exclusive_flags
+        if kind != args.adapter and any(getattr(args, name) != defaults[name] for name in flags):
+            names = " and ".join(f"--{name}" for name in flags)
+            raise TrainingError(f"{names} need{'s' if len(flags) == 1 else ''} --adapter {kind}")
+    check_step_rules(args.lr_scheduler, args.lr_step_rules)
+    check_lora_flags(vars(args), BACKENDS[args.adapter].takes_lora_settings)
+    for name, value in lora_defaults(vars(args)).items():
+        setattr(args, name, value)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise TrainingError("give --overwrite_output_dir (start over) or --resume_from_checkpoint (go on), not both")
 
@@ -479,7 +487,7 @@ TEXT_ENCODER_FLAGS = ("text_encoder_lr", "adam_weight_decay_text_encoder", "text
 
 def _check_optimizer_flags(args: argparse.Namespace) -> None:
     """Refuse optimizer and text-encoder flags (set to a non-default value) that this run would not use."""
-    defaults = {action.dest: action.default for action in build_parser()._actions}
+    defaults = flag_defaults()
 
     def given(names: Sequence[str]) -> str:
         """'--a', '--a and --b' or '' for the flags among `names` set to another value than their default."""
@@ -520,9 +528,15 @@ def module_targets(values: Sequence[str], flag: str) -> list[str] | str:
     return values[0]
 
 
-def ignored_flags(args: argparse.Namespace) -> list[str]:
+def flag_defaults() -> dict[str, object]:
+    """Every flag's default value, by name."""
+    return {action.dest: action.default for action in build_parser()._actions}
+
+
+def ignored_flags(options: TrainingOptions) -> list[str]:
     """One warning for each flag set to a non-default value that this run will not use."""
-    defaults = {action.dest: action.default for action in build_parser()._actions}
+    args = argparse.Namespace(**options.flags())
+    defaults = flag_defaults()
     scheduler = args.lr_scheduler
     rules: tuple[tuple[bool, tuple[str, ...], str], ...] = (
         (
@@ -549,10 +563,12 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
             ),
             "without --with_prior_preservation",
         ),
-        (
-            args.adapter != "lily",
-            ("lily_r", "lily_stride_A", "lily_num_B", "lily_scaling", "lily_routing"),
-            "with --adapter lora",
+        *(
+            (kind != args.adapter, other_flags, f"with --adapter {args.adapter}")
+            for kind, backend in BACKENDS.items()
+            if (
+                other_flags := tuple(f for f in backend.setting_flags if f not in BACKENDS[args.adapter].setting_flags)
+            )
         ),
         (args.match_lora_budget is not None, ("lily_r",), "with --match_lora_budget (it picks r)"),
         (scheduler == "constant", ("lr_warmup_steps",), "with --lr_scheduler constant (use constant_with_warmup)"),
@@ -599,3 +615,14 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     except TrainingError as err:
         parser.error(str(err))
     return args
+
+
+def options_from_args(args: argparse.Namespace) -> TrainingOptions:
+    """The typed options of parsed (and checked) flags: where the argparse Namespace stops."""
+    groups = [group(**{field.name: getattr(args, field.name) for field in fields(group)}) for group in GROUP_TYPES]
+    return TrainingOptions(*groups)
+
+
+def parse_options(input_args: Sequence[str] | None = None) -> TrainingOptions:
+    """`parse_args`, as typed options for `run_training`."""
+    return options_from_args(parse_args(input_args))

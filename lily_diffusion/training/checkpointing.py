@@ -23,13 +23,9 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import (
-    LILY_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
-    AdaptedModels,
-    load_adapter_weights_in_place,
-    save_adapter_weights,
-)
+from ..backends import BACKENDS, AdapterBackend, AdapterError
+from ..messages import first_line
+from .adapters import AdaptedModels
 from .errors import TrainingError
 
 logger = get_logger(__name__)
@@ -123,7 +119,7 @@ def _legacy_problem(folder: Path) -> str | None:
         return path.is_file() and path.stat().st_size > 0
 
     missing = [name for name in LEGACY_FILES if not present(name)]
-    if not (present(LILY_WEIGHT_NAME) or present(LORA_WEIGHT_NAME)):
+    if not any(present(backend.weight_name) for backend in BACKENDS.values()):
         missing.append("the adapter file")
     if missing:
         return f"it has no {MARKER_NAME} and {', '.join(missing)} missing or empty (an interrupted save)"
@@ -295,7 +291,7 @@ def attempt(action: Callable[[], object]) -> str | None:
     try:
         action()
     except SAVE_ERRORS as err:
-        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return first_line(err)
     return None
 
 
@@ -363,7 +359,18 @@ def save_checkpoint(
     return final
 
 
-def register_adapter_hooks(accelerator: Accelerator, kind: str, adapted: AdaptedModels) -> None:
+def load_adapter_weights_in_place(backend: AdapterBackend, directory: str | Path, adapted: AdaptedModels) -> None:
+    """Restore the adapter weights of a checkpoint folder into the models being trained."""
+    directory = Path(directory)
+    if not (directory / backend.weight_name).is_file():
+        raise TrainingError(f"checkpoint {directory} has no {backend.weight_name} (trained with another adapter?)")
+    try:
+        backend.load_in_place(directory, adapted.components())
+    except AdapterError as err:
+        raise TrainingError(str(err)) from err
+
+
+def register_adapter_hooks(accelerator: Accelerator, backend: AdapterBackend, adapted: AdaptedModels) -> None:
     """Make save_state write only the adapter file, and load_state restore it into the live parameters."""
     ours = [id(model) for model in adapted.components().values()]
 
@@ -372,13 +379,13 @@ def register_adapter_hooks(accelerator: Accelerator, kind: str, adapted: Adapted
 
     def save_hook(models: list[nn.Module], weights: list[dict[str, object]], output_dir: str) -> None:
         if accelerator.is_main_process:
-            save_adapter_weights(kind, output_dir, adapted)
+            backend.save(Path(output_dir), adapted.components())
         for index in reversed(range(len(models))):
             if is_ours(models[index]) and index < len(weights):
                 weights.pop(index)  # accelerate would otherwise save the whole base model
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
-        load_adapter_weights_in_place(kind, input_dir, adapted)
+        load_adapter_weights_in_place(backend, input_dir, adapted)
         for index in reversed(range(len(models))):
             if is_ours(models[index]):
                 models.pop(index)

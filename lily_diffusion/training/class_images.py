@@ -11,8 +11,10 @@ from accelerate.logging import get_logger
 from diffusers import StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
+from ..messages import first_line
 from .data import list_image_files, os_reason
 from .errors import TrainingError
+from .options import ModelOptions, PriorOptions
 from .paths import check_writable_folder
 from .seeding import derive_seed
 
@@ -44,20 +46,17 @@ def check_class_data_dir(class_dir: str | Path, num_class_images: int) -> None:
 
 
 def ensure_class_images(
-    accelerator: Accelerator,
-    class_dir: str | Path,
-    class_prompt: str,
-    num_class_images: int,
-    model: str,
-    revision: str | None,
-    variant: str | None,
-    precision: str | None,
-    sample_batch_size: int,
-    resolution: int,
-    seed: int,
+    accelerator: Accelerator, prior: PriorOptions, base: ModelOptions, resolution: int, seed: int
 ) -> int:
-    """Make `class_dir` hold at least `num_class_images` images; returns how many were generated."""
-    folder = Path(class_dir)
+    """Make --class_data_dir hold at least --num_class_images images, generating the missing ones with the base
+    pipeline; returns how many were generated."""
+    folder = Path(prior.class_data_dir)
+    class_prompt, num_class_images, sample_batch_size = (
+        prior.class_prompt,
+        prior.num_class_images,
+        prior.sample_batch_size,
+    )
+    model, precision = base.pretrained_model_name_or_path, prior.prior_generation_precision
     check_class_data_dir(folder, num_class_images)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -71,10 +70,13 @@ def ensure_class_images(
     logger.info(f"generating {missing} class images for {class_prompt!r} into {folder}")
     try:
         pipeline = StableDiffusionXLPipeline.from_pretrained(
-            model, torch_dtype=generation_dtype(precision, accelerator.device), revision=revision, variant=variant
+            model,
+            torch_dtype=generation_dtype(precision, accelerator.device),
+            revision=base.revision,
+            variant=base.variant,
         )
     except (OSError, ValueError) as err:
-        raise TrainingError(f"cannot load {model} to generate class images: {str(err).splitlines()[0]}") from err
+        raise TrainingError(f"cannot load {model} to generate class images: {first_line(err)}") from err
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     with accelerator.split_between_processes(list(range(existing, num_class_images))) as indices:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..messages import first_line
 from .errors import TrainingError
 
 
@@ -36,8 +37,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     except TrainingError:
         raise
     except Exception as err:  # parser errors of either format
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"cannot parse config file {path}: {first_line}") from err
+        raise TrainingError(f"cannot parse config file {path}: {first_line(err)}") from err
     if not isinstance(data, dict):
         raise TrainingError(f"config file {path} must hold a table of flag names to values")
     return data

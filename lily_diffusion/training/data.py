@@ -20,6 +20,7 @@ from accelerate.logging import get_logger
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from ..messages import first_line
 from .errors import TrainingError
 from .seeding import derive_seed
 
@@ -231,7 +232,7 @@ def scan_images(
             image = open_rgb(path, resolution)
         except UNREADABLE as err:
             skipped.append(path.name)
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             logger.warning(f"skipping unreadable {what} file {path}: {reason}")
             continue
         readable.append((path, (image.height, image.width)))

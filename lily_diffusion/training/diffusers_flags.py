@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import argparse
 import math
+from collections.abc import Mapping
 
 from .errors import TrainingError
 
@@ -18,10 +18,10 @@ LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout")
 LORA_DEFAULTS = {"rank": 4, "lora_dropout": 0.0}  # diffusers' defaults; lora_alpha defaults to the rank
 
 
-def check_lora_flags(args: argparse.Namespace) -> None:
-    """LoRA-only flags given with `--adapter lily` are an error (one sentence)."""
-    given = [f"--{name}" for name in LORA_FLAGS if getattr(args, name) is not None]
-    if args.adapter == "lily" and given:
+def check_lora_flags(flags: Mapping[str, object], takes_lora_settings: bool) -> None:
+    """LoRA-only flags given with an adapter that does not take them (Lily) are an error (one sentence)."""
+    given = [f"--{name}" for name in LORA_FLAGS if flags[name] is not None]
+    if given and not takes_lora_settings:
         raise TrainingError(
             f"{', '.join(given)} {'is a LoRA setting' if len(given) == 1 else 'are LoRA settings'} with no Lily "
             "equivalent: size Lily with --lily_r (or --match_lora_budget RANK for the largest Lily not above a "
@@ -29,11 +29,9 @@ def check_lora_flags(args: argparse.Namespace) -> None:
         )
 
 
-def apply_lora_defaults(args: argparse.Namespace) -> None:
-    """Fill in diffusers' LoRA defaults for the flags left unset (after `check_lora_flags`)."""
-    for name, default in LORA_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+def lora_defaults(flags: Mapping[str, object]) -> dict[str, object]:
+    """diffusers' LoRA defaults for the flags left unset (applied after `check_lora_flags`)."""
+    return {name: default for name, default in LORA_DEFAULTS.items() if flags[name] is None}
 
 
 def parse_step_rules(rules: str) -> tuple[list[tuple[float, int]], float]:
@@ -56,12 +54,12 @@ def parse_step_rules(rules: str) -> tuple[list[tuple[float, int]], float]:
     return pairs, last
 
 
-def check_step_rules(args: argparse.Namespace) -> None:
+def check_step_rules(lr_scheduler: str, lr_step_rules: str | None) -> None:
     """`--lr_scheduler piecewise_constant` needs `--lr_step_rules`, and the rules must parse."""
-    if args.lr_scheduler == "piecewise_constant" and not args.lr_step_rules:
+    if lr_scheduler == "piecewise_constant" and not lr_step_rules:
         raise TrainingError("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. '1:100,0.1:200,0.01'")
-    if args.lr_step_rules:
-        parse_step_rules(args.lr_step_rules)
+    if lr_step_rules:
+        parse_step_rules(lr_step_rules)
 
 
 def scaled_step_rules(rules: str | None, num_processes: int) -> str | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..messages import first_line
 from .data import UNREADABLE, ImageRecord, check_image_size, json_type, open_rgb, to_rgb
 from .errors import TrainingError
 
@@ -26,7 +27,7 @@ def row_image(value: object, label: str, resolution: int | None) -> Image.Image:
     try:
         return open_rgb(source, resolution, name=label)
     except UNREADABLE as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise TrainingError(f"{label}: cannot read the image ({reason})") from err
 
 
@@ -51,7 +52,7 @@ def load_dataset_records(
     try:
         dataset = load_dataset(name, config_name, cache_dir=cache_dir)["train"]
     except Exception as err:  # hub, network, format: one line for the user
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = first_line(err)
         raise TrainingError(f"cannot load --dataset_name {name}: {text}") from err
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column is not None and column not in dataset.column_names:

@@ -9,19 +9,16 @@ card on the Hub (which would need the network, and would keep an earlier run's c
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
-from safetensors import safe_open
 
-from ..serialization import WEIGHTS_NAME, read_lily_file
-from .adapters import weight_name_for
+from ..backends import AdapterBackend, AdapterOptions, get_backend
+from ..messages import first_line
 from .errors import TrainingError
+from .options import TrainingOptions
 
 CARD_NAME = "README.md"
 FINAL_GRID = "validation/final.png"
@@ -32,7 +29,7 @@ COMMON_TAGS: tuple[str, ...] = ("dreambooth", "stable-diffusion-xl", "diffusers"
 class CardFacts:
     """Everything the card says; `load_from` is the hub repo id (or local folder) the snippet loads."""
 
-    adapter: str  # "lily" or "lora"
+    backend: AdapterBackend  # the adapter kind: its name, tag and loading code
     base_model: str
     instance_prompt: str
     load_from: str
@@ -40,21 +37,6 @@ class CardFacts:
     configs: dict[str, str]  # component -> adapter config, as shown
     validation_prompt: str | None = None
     grid: str | None = None  # the final validation grid, relative to the card
-
-
-def lily_facts(output_dir: str | Path) -> tuple[int, dict[str, str]]:
-    """Parameter count and per-component config JSON of the Lily weights saved in `output_dir`."""
-    components = read_lily_file(Path(output_dir) / WEIGHTS_NAME)
-    count = sum(tensor.numel() for weights in components.values() for tensor in weights.tensors.values())
-    configs = {name: json.dumps(weights.config.to_dict(), sort_keys=True) for name, weights in components.items()}
-    return count, configs
-
-
-def lora_parameter_count(weight_file: str | Path) -> int:
-    """Number of values in a LoRA safetensors file (read from the header, no tensor loaded)."""
-    with safe_open(str(weight_file), framework="pt") as handle:
-        keys = handle.keys()
-        return sum(math.prod(handle.get_slice(key).get_shape()) for key in keys)
 
 
 def model_card(facts: CardFacts) -> ModelCard:
@@ -69,13 +51,12 @@ def model_card(facts: CardFacts) -> ModelCard:
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=_description(facts),
     )
-    return populate_model_card(card, tags=[facts.adapter, *COMMON_TAGS])
+    return populate_model_card(card, tags=[facts.backend.kind, *COMMON_TAGS])
 
 
 def _description(facts: CardFacts) -> str:
-    name = "Lily (Low-Rank Interconnected Adaptation across Layers)" if facts.adapter == "lily" else "LoRA"
     lines = [
-        f"# DreamBooth {name} adapter for {facts.base_model}",
+        f"# DreamBooth {facts.backend.display_name} adapter for {facts.base_model}",
         "",
         f"Trained with `train_dreambooth_lily.py` (lily_diffusion) on the base model `{facts.base_model}`.",
         f"Instance prompt: `{facts.instance_prompt}`.",
@@ -92,12 +73,7 @@ def _description(facts: CardFacts) -> str:
 
 
 def _snippet(facts: CardFacts) -> str:
-    if facts.adapter == "lily":
-        imports = "from lily_diffusion import load_lily_weights\n"
-        load = f"load_lily_weights(pipe, {facts.load_from!r})"
-    else:
-        imports = ""
-        load = f"pipe.load_lora_weights({facts.load_from!r})"
+    imports, load = facts.backend.load_code(facts.load_from)
     return (
         f"from diffusers import StableDiffusionXLPipeline\n{imports}\n"
         f"pipe = StableDiffusionXLPipeline.from_pretrained({facts.base_model!r})\n"
@@ -108,44 +84,37 @@ def _snippet(facts: CardFacts) -> str:
 
 def write_model_card(
     output_dir: str | Path,
-    adapter: str,
+    backend: AdapterBackend,
+    options: AdapterOptions,
     base_model: str,
     instance_prompt: str,
-    weight_file: str | Path,
     load_from: str,
-    lora_rank: int | None = None,
     validation_prompt: str | None = None,
 ) -> Path:
-    """Write `output_dir/README.md` for the weights in `weight_file`; the snippet loads from `load_from`."""
+    """Write `output_dir/README.md` for the weights saved there; the snippet loads from `load_from`."""
     folder = Path(output_dir)
-    if adapter == "lily":
-        count, configs = lily_facts(folder)
-    else:
-        count, configs = lora_parameter_count(weight_file), {"LoRA": json.dumps({"rank": lora_rank})}
+    count, configs = backend.describe_file(folder / backend.weight_name, options)
     grid = FINAL_GRID if (folder / FINAL_GRID).is_file() else None
-    facts = CardFacts(adapter, base_model, instance_prompt, load_from, count, configs, validation_prompt, grid)
+    facts = CardFacts(backend, base_model, instance_prompt, load_from, count, configs, validation_prompt, grid)
     path = folder / CARD_NAME
     model_card(facts).save(path)
     return path
 
 
-def write_run_card(args: argparse.Namespace, load_from: str | None = None) -> Path:
+def write_run_card(options: TrainingOptions, load_from: str | None = None) -> Path:
     """The card of a finished training run (the snippet loads `load_from`, default the output folder)."""
-    folder = Path(args.output_dir)
-    weight_file = folder / weight_name_for(args.adapter)
+    folder = Path(options.output.output_dir)
     try:
         return write_model_card(
             folder,
-            args.adapter,
-            args.pretrained_model_name_or_path,
-            args.instance_prompt,
-            weight_file,
+            get_backend(options.adapter.adapter),
+            options.adapter,
+            options.model.pretrained_model_name_or_path,
+            options.data.instance_prompt,
             load_from or str(folder.resolve()),
-            lora_rank=args.rank,
-            validation_prompt=args.validation_prompt,
+            validation_prompt=options.output.validation_prompt,
         )
     except OSError as error:  # a full disk: the weights are saved already
-        first = (str(error).splitlines() or [type(error).__name__])[0]
         raise TrainingError(
-            f"could not write the model card {folder / CARD_NAME} (the weights are saved): {first}"
+            f"could not write the model card {folder / CARD_NAME} (the weights are saved): {first_line(error)}"
         ) from error

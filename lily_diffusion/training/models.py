@@ -10,6 +10,7 @@ import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
+from ..messages import first_line
 from .errors import TrainingError
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -52,11 +53,6 @@ def check_sdxl_folder(name_or_path: str) -> None:
         raise TrainingError(f"{name_or_path} is not an SDXL pipeline ({detail})")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_components(model: str, vae_model: str | None, revision: str | None, variant: str | None) -> SDXLComponents:
     """Load tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler from an SDXL pipeline."""
     check_sdxl_folder(model)
@@ -82,7 +78,7 @@ def load_components(model: str, vae_model: str | None, revision: str | None, var
     except TrainingError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise TrainingError(f"cannot load an SDXL pipeline from {model}: {_first_line(err)}") from err
+        raise TrainingError(f"cannot load an SDXL pipeline from {model}: {first_line(err)}") from err
     check_sdxl_unet(components)
     return components
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 
 import torch
@@ -12,33 +12,35 @@ from torch import nn
 
 from .diffusers_flags import scaled_step_rules
 from .errors import TrainingError
+from .options import OptimOptions
 
 logger = get_logger(__name__)
 
 
 def parameter_groups(
-    args: argparse.Namespace, unet_parameters: list[nn.Parameter], text_encoder_parameters: list[nn.Parameter]
+    optim: OptimOptions, unet_parameters: list[nn.Parameter], text_encoder_parameters: list[nn.Parameter]
 ) -> list[dict[str, object]]:
     """One group for the UNet adapter and (with --train_text_encoder) one for the text encoders."""
     groups: list[dict[str, object]] = [
-        {"params": unet_parameters, "lr": args.learning_rate, "weight_decay": args.adam_weight_decay}
+        {"params": unet_parameters, "lr": optim.learning_rate, "weight_decay": optim.adam_weight_decay}
     ]
     if text_encoder_parameters:
         groups.append(
             {
                 "params": text_encoder_parameters,
-                "lr": args.text_encoder_lr,
-                "weight_decay": args.adam_weight_decay_text_encoder,
+                "lr": optim.text_encoder_lr,
+                "weight_decay": optim.adam_weight_decay_text_encoder,
             }
         )
     return groups
 
 
-def scale_learning_rates(args: argparse.Namespace, num_processes: int) -> None:
-    """--scale_lr: multiply both learning rates by processes x accumulation steps x batch size."""
-    factor = args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    args.learning_rate *= factor
-    args.text_encoder_lr *= factor
+def scale_learning_rates(optim: OptimOptions, num_processes: int) -> OptimOptions:
+    """--scale_lr: both learning rates multiplied by processes x accumulation steps x batch size."""
+    factor = optim.gradient_accumulation_steps * optim.train_batch_size * num_processes
+    return dataclasses.replace(
+        optim, learning_rate=optim.learning_rate * factor, text_encoder_lr=optim.text_encoder_lr * factor
+    )
 
 
 OPTIONAL_PACKAGES = {"prodigy": ("prodigyopt", "--optimizer prodigy"), "8bit": ("bitsandbytes", "--use_8bit_adam")}
@@ -51,15 +53,15 @@ def _require(kind: str) -> None:
         raise TrainingError(f"{flag} needs {package}: `pip install {package}`")
 
 
-def check_optimizer_backend(args: argparse.Namespace, device: torch.device) -> None:
+def check_optimizer_backend(optim: OptimOptions, device: torch.device) -> None:
     """Before any work: the optional optimizer's package is installed, and 8-bit AdamW runs on `device`.
 
     One 8-bit AdamW step on a probe tensor: a bitsandbytes without a kernel for the device (older releases have
     none for CPU) fails here in one line instead of at the first training step."""
-    if args.optimizer == "prodigy":
+    if optim.optimizer == "prodigy":
         _require("prodigy")
         return
-    if not args.use_8bit_adam:
+    if not optim.use_8bit_adam:
         return
     _require("8bit")
     import bitsandbytes
@@ -77,47 +79,47 @@ def check_optimizer_backend(args: argparse.Namespace, device: torch.device) -> N
         ) from error
 
 
-def build_optimizer(args: argparse.Namespace, groups: list[dict[str, object]]) -> torch.optim.Optimizer:
+def build_optimizer(optim: OptimOptions, groups: list[dict[str, object]]) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer / --use_8bit_adam; a missing optional package is a clear error."""
-    if args.optimizer == "adamw":
-        if args.use_8bit_adam:
+    if optim.optimizer == "adamw":
+        if optim.use_8bit_adam:
             _require("8bit")
             import bitsandbytes
 
             optimizer_class = bitsandbytes.optim.AdamW8bit
         else:
             optimizer_class = torch.optim.AdamW
-        return optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return optimizer_class(groups, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon)
     _require("prodigy")
     import prodigyopt
 
-    if args.learning_rate <= 0.1:
-        logger.warning(f"Prodigy usually wants --learning_rate around 1.0, got {args.learning_rate}")
+    if optim.learning_rate <= 0.1:
+        logger.warning(f"Prodigy usually wants --learning_rate around 1.0, got {optim.learning_rate}")
     for group in groups[1:]:
-        group["lr"] = args.learning_rate  # Prodigy adapts one learning rate for all groups
+        group["lr"] = optim.learning_rate  # Prodigy adapts one learning rate for all groups
     return prodigyopt.Prodigy(
         groups,
-        betas=(args.adam_beta1, args.adam_beta2),
-        beta3=args.prodigy_beta3,
-        eps=args.adam_epsilon,
-        decouple=args.prodigy_decouple,
-        use_bias_correction=args.prodigy_use_bias_correction,
-        safeguard_warmup=args.prodigy_safeguard_warmup,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        beta3=optim.prodigy_beta3,
+        eps=optim.adam_epsilon,
+        decouple=optim.prodigy_decouple,
+        use_bias_correction=optim.prodigy_use_bias_correction,
+        safeguard_warmup=optim.prodigy_safeguard_warmup,
     )
 
 
 def build_lr_scheduler(
-    args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_train_steps: int, num_processes: int
+    optim: OptimOptions, optimizer: torch.optim.Optimizer, max_train_steps: int, num_processes: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """diffusers' get_scheduler; steps count once per process because accelerate steps it on every process."""
     return get_scheduler(
-        args.lr_scheduler,
+        optim.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_warmup_steps=optim.lr_warmup_steps * num_processes,
         num_training_steps=max_train_steps * num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-        step_rules=scaled_step_rules(args.lr_step_rules, num_processes),
+        num_cycles=optim.lr_num_cycles,
+        power=optim.lr_power,
+        step_rules=scaled_step_rules(optim.lr_step_rules, num_processes),
     )
 
 

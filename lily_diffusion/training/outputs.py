@@ -7,17 +7,19 @@ files (final weights, training_args.json, validation images, README.md), never c
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from .adapters import ALL_WEIGHT_NAMES
+from ..backends import ALL_WEIGHT_NAMES
+from ..messages import first_line
 from .checkpointing import leftovers, list_checkpoints
 from .errors import TrainingError
 from .model_card import write_run_card
+from .options import OutputOptions, TrainingOptions
 
 logger = get_logger(__name__)
 
@@ -33,11 +35,9 @@ def is_secret_flag(name: str) -> bool:
     return any(word in lowered for word in SECRET_WORDS)
 
 
-def redacted_flags(args: argparse.Namespace) -> dict[str, object]:
+def redacted_flags(flags: Mapping[str, object]) -> dict[str, object]:
     """Every flag's value, with secrets (that were given) replaced by `<redacted>`."""
-    return {
-        name: REDACTED if value is not None and is_secret_flag(name) else value for name, value in vars(args).items()
-    }
+    return {name: REDACTED if value is not None and is_secret_flag(name) else value for name, value in flags.items()}
 
 
 def redact_text(text: str, secrets: list[str | None]) -> str:
@@ -102,53 +102,56 @@ def remove_paths(paths: list[Path], reason: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def write_training_args(args: argparse.Namespace) -> None:
-    """output_dir/training_args.json with every flag's final value (secrets redacted)."""
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    text = json.dumps(redacted_flags(args), indent=2, sort_keys=True) + "\n"
-    Path(args.output_dir, "training_args.json").write_text(text)
+def write_training_args(options: TrainingOptions) -> None:
+    """output_dir/training_args.json with every flag as the user passed it (secrets redacted)."""
+    folder = Path(options.output.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(redacted_flags(options.flags()), indent=2, sort_keys=True) + "\n"
+    (folder / "training_args.json").write_text(text)
 
 
-def tracker_config(args: argparse.Namespace) -> dict[str, object]:
+def tracker_config(options: TrainingOptions) -> dict[str, object]:
     """Flags as TensorBoard hparams accept them (scalars and strings only; secrets redacted)."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in redacted_flags(args).items()}
+    flags = redacted_flags(options.flags())
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flags.items()}
 
 
-def check_output_dir(args: argparse.Namespace, resuming: bool) -> None:
+def check_output_dir(output: OutputOptions, resuming: bool) -> None:
     """Refuse to start a new run over another run's weights or checkpoints, unless --overwrite_output_dir."""
-    found = previous_run(args.output_dir, list(ALL_WEIGHT_NAMES))
-    if not found or args.overwrite_output_dir or resuming:
+    found = previous_run(output.output_dir, list(ALL_WEIGHT_NAMES))
+    if not found or output.overwrite_output_dir or resuming:
         return
-    if args.resume_from_checkpoint is not None:
+    if output.resume_from_checkpoint is not None:
         advice = "it has no checkpoint to resume from; pass --overwrite_output_dir to replace it"
     else:
         advice = "pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue it"
     raise TrainingError(
-        f"--output_dir {args.output_dir} already holds another training run ({describe(found)}); {advice}, "
+        f"--output_dir {output.output_dir} already holds another training run ({describe(found)}); {advice}, "
         "or choose another --output_dir"
     )
 
 
-def clear_output_dir(args: argparse.Namespace) -> None:
+def clear_output_dir(output: OutputOptions) -> None:
     """--overwrite_output_dir: remove the previous run's weights, checkpoints, validation images and logs."""
-    found = previous_run_outputs(args.output_dir, list(ALL_WEIGHT_NAMES), args.logging_dir)
+    found = previous_run_outputs(output.output_dir, list(ALL_WEIGHT_NAMES), output.logging_dir)
     remove_paths(found, "--overwrite_output_dir")
 
 
-def push_to_hub(args: argparse.Namespace, weight_names: list[str]) -> None:
+def push_to_hub(options: TrainingOptions, weight_names: list[str]) -> None:
     """Upload the final weights, training_args.json, validation images and README.md to --hub_model_id (never
     checkpoints, logs or temporary files)."""
+    output = options.output
     from huggingface_hub import CommitOperationAdd, create_commit, create_repo
 
     try:
-        repo = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token)
-        write_run_card(args, repo.repo_id)  # the card's snippet loads the repo
-        files = upload_selection(args.output_dir, weight_names)
+        repo = create_repo(output.hub_model_id or Path(output.output_dir).name, exist_ok=True, token=output.hub_token)
+        write_run_card(options, repo.repo_id)  # the card's snippet loads the repo
+        files = upload_selection(output.output_dir, weight_names)
         operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(args.output_dir, name))) for name in files
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(output.output_dir, name))) for name in files
         ]
-        create_commit(repo.repo_id, operations, commit_message="End of training", token=args.hub_token)
+        create_commit(repo.repo_id, operations, commit_message="End of training", token=output.hub_token)
     except Exception as err:  # network, auth: report, do not crash with a traceback
-        message = redact_text((str(err).splitlines() or [type(err).__name__])[0], [args.hub_token])
+        message = redact_text(first_line(err), [output.hub_token])
         raise TrainingError(f"push to hub failed: {message}") from err
     logger.info(f"uploaded {', '.join(files)} to {repo.repo_id}")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,70 +11,45 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import SchedulerMixin, StableDiffusionXLPipeline
-from diffusers.utils import make_image_grid
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from .adapters import load_adapter_into_pipeline
+from ..backends import AdapterBackend
+from ..images import generate, labelled_grid
 from .checkpointing import TrainState
 from .models import SDXLComponents
+from .options import ModelOptions
 
 logger = get_logger(__name__)
 
 
-def generate_images(
-    pipeline: StableDiffusionXLPipeline,
-    prompt: str,
-    num_images: int,
-    seed: int,
-    num_inference_steps: int,
-    resolution: int,
-    weight_dtype: torch.dtype = torch.float32,
-) -> list[Image.Image]:
-    """`num_images` images of `prompt`, image i from its own generator seeded with seed + i.
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What the validation images are: prompt, how many, seed (None: the run's), steps, size, where they go."""
 
-    With half-precision weights the pipeline runs under autocast (the VAE stays fp32)."""
-    device = pipeline.unet.device
-    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else nullcontext()
-    images = []
-    with torch.no_grad(), autocast:
-        for i in range(num_images):
-            generator = torch.Generator(device=device).manual_seed(seed + i)
-            images += pipeline(
-                prompt=prompt,
-                num_inference_steps=num_inference_steps,
-                height=resolution,
-                width=resolution,
-                generator=generator,
-            ).images
-    return images
+    prompt: str
+    num_images: int
+    seed: int | None
+    num_inference_steps: int
+    resolution: int
+    output_dir: str
 
 
 def render_validation_prompt(
-    args: argparse.Namespace, pipeline: StableDiffusionXLPipeline, run_seed: int, weight_dtype: torch.dtype
+    settings: ValidationSettings, pipeline: StableDiffusionXLPipeline, run_seed: int, weight_dtype: torch.dtype
 ) -> list[Image.Image]:
-    """The --num_validation_images images of --validation_prompt (seeded by --validation_seed or the run's seed)."""
-    seed = args.validation_seed if args.validation_seed is not None else run_seed
-    return generate_images(
+    """The validation images, image i seeded with seed + i (a generator on the pipeline's device)."""
+    seed = settings.seed if settings.seed is not None else run_seed
+    device = pipeline.unet.device
+    return generate(
         pipeline,
-        args.validation_prompt,
-        args.num_validation_images,
-        seed,
-        args.num_validation_inference_steps,
-        args.resolution,
-        weight_dtype,
+        [settings.prompt] * settings.num_images,
+        [seed + i for i in range(settings.num_images)],
+        settings.num_inference_steps,
+        size=settings.resolution,
+        batch_size=1,
+        generator_device=device,
+        weight_dtype=weight_dtype,
     )
-
-
-def labelled_grid(images: list[Image.Image], label: str) -> Image.Image:
-    """The images side by side under a white band with `label` (at least as wide as the text)."""
-    grid = make_image_grid(images, rows=1, cols=len(images))
-    font = ImageFont.load_default()
-    left, top, right, bottom = ImageDraw.Draw(grid).textbbox((0, 0), label, font=font)
-    band = bottom - top + 8
-    canvas = Image.new("RGB", (max(grid.width, right - left + 8), grid.height + band), "white")
-    ImageDraw.Draw(canvas).text((4, 4 - top), label, fill="black", font=font)
-    canvas.paste(grid, (0, band))
-    return canvas
 
 
 def log_images(accelerator: Accelerator, tag: str, images: list[Image.Image], step: int) -> None:
@@ -99,11 +73,11 @@ def save_validation(
     label: str,
     step: int,
 ) -> Path:
-    """Write `output_dir/validation/<name>.png` (a labelled grid) and log the images."""
+    """Write `output_dir/validation/<name>.png` (the images side by side under `label`) and log the images."""
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    labelled_grid(images, label).save(path)
+    labelled_grid([[image] for image in images], title=label).save(path)
     log_images(accelerator, "validation" if name != "final" else "test", images, step)
     logger.info(f"validation grid: {path}")
     return path
@@ -131,7 +105,7 @@ def validation_pipeline(
 
 
 def make_validator(
-    args: argparse.Namespace,
+    settings: ValidationSettings,
     accelerator: Accelerator,
     components: SDXLComponents,
     scheduler: SchedulerMixin,
@@ -141,17 +115,16 @@ def make_validator(
     """A `validate(step)` that renders the validation prompt with the live adapter (main process only)."""
 
     def validate(step: int) -> None:
-        if not accelerator.is_main_process or not args.num_validation_images:
+        if not accelerator.is_main_process or not settings.num_images:
             return
         models = [components.unet, components.text_encoder_one, components.text_encoder_two]
         modes = [m.training for m in models]
         for model in models:
             model.eval()
         pipeline = validation_pipeline(components, scheduler, *models)
-        images = render_validation_prompt(args, pipeline, state.seed, weight_dtype)
-        save_validation(
-            accelerator, images, args.output_dir, f"step_{step:06d}", f"step {step}: {args.validation_prompt}", step
-        )
+        images = render_validation_prompt(settings, pipeline, state.seed, weight_dtype)
+        label = f"step {step}: {settings.prompt}"
+        save_validation(accelerator, images, settings.output_dir, f"step_{step:06d}", label, step)
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)
 
@@ -159,7 +132,9 @@ def make_validator(
 
 
 def final_validation(
-    args: argparse.Namespace,
+    settings: ValidationSettings,
+    model: ModelOptions,
+    backend: AdapterBackend,
     accelerator: Accelerator,
     components: SDXLComponents,
     scheduler: SchedulerMixin,
@@ -169,15 +144,15 @@ def final_validation(
 ) -> None:
     """Load the saved weights into a fresh base pipeline, as a user would, and render the validation prompt."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
+        model.pretrained_model_name_or_path,
         vae=components.vae,
         scheduler=scheduler,
-        revision=args.revision,
-        variant=args.variant,
+        revision=model.revision,
+        variant=model.variant,
         torch_dtype=weight_dtype,
     )
-    load_adapter_into_pipeline(args.adapter, pipeline, args.output_dir)
+    backend.load_into_pipeline(pipeline, settings.output_dir)
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    images = render_validation_prompt(args, pipeline, seed, weight_dtype)
-    save_validation(accelerator, images, args.output_dir, "final", f"final: {args.validation_prompt}", step)
+    images = render_validation_prompt(settings, pipeline, seed, weight_dtype)
+    save_validation(accelerator, images, settings.output_dir, "final", f"final: {settings.prompt}", step)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lily_diffusion.training import parse_args, run_training
+from lily_diffusion.training import parse_options, run_training
 from tests.training import conftest as training
 
 from .training_runs import PROMPT
@@ -41,6 +41,6 @@ def train(train_args: list[str]) -> Trainer:
     script prints as its one line); returns the final weight file."""
 
     def run(output_dir: Path, *flags: object) -> Path:
-        return run_training(parse_args([*train_args, "--output_dir", str(output_dir), *(str(f) for f in flags)]))
+        return run_training(parse_options([*train_args, "--output_dir", str(output_dir), *(str(f) for f in flags)]))
 
     return run

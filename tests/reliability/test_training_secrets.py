@@ -52,7 +52,7 @@ def test_secret_flags_are_redacted_by_name():
         hub_token=SECRET, db_password="p4ss", api_key="k3y", client_secret="s3cret", wandb_token=None,
         output_dir="out", learning_rate=1e-4,
     )  # fmt: skip
-    assert redacted_flags(args) == {
+    assert redacted_flags(vars(args)) == {
         "hub_token": REDACTED, "db_password": REDACTED, "api_key": REDACTED, "client_secret": REDACTED,
         "wandb_token": None, "output_dir": "out", "learning_rate": 1e-4,
     }  # fmt: skip

@@ -58,7 +58,7 @@ def test_generates_what_the_prompt_asks_for(pipe):
         f"a photo of a {colours[(k + k // 4) % 4]} {SHAPES[k % 4]} on a {backgrounds[k % 3]} background"
         for k in range(8)
     ]  # every shape and colour twice, every background two or three times
-    images = generate(pipe, prompts, seeds=range(8), steps=10)
+    images = generate(pipe, prompts, seeds=range(8), num_inference_steps=10)
     assert len(images) == 8 and images[0].size == (32, 32)
     scores = evaluator.prompt_fidelity(images, prompts)
     assert min(scores.values()) >= MIN_ACCURACY, scores

@@ -6,7 +6,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 
-from lily_diffusion.grids import GridAdapter, _wrap, fitting_label_font, label_font, labelled_grid
+from lily_diffusion.grids import GridAdapter
+from lily_diffusion.images import _wrap, fitting_label_font, label_font, labelled_grid
 from toyworld.compare import _mean_std
 from toyworld.figures import TARGET_HEADER, column_header, subject_grid, titled
 from toyworld.paths import BASE_MODEL_DIR

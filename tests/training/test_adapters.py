@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from lily_diffusion import LilyConfig, count_lily_parameters, count_lora_parameters
-from lily_diffusion.training.adapters import (
-    AdaptedModels,
-    add_adapters,
-    load_adapter_weights_in_place,
-    save_adapter_weights,
-)
-from lily_diffusion.training.args import parse_args
+from lily_diffusion.backends import BACKENDS, get_backend
+from lily_diffusion.training.adapters import AdaptedModels, TrainableAdapters, add_adapters
+from lily_diffusion.training.args import options_from_args, parse_args
+from lily_diffusion.training.checkpointing import load_adapter_weights_in_place
 from lily_diffusion.training.errors import TrainingError
 from toyworld.tiny_sdxl import build_tiny_sdxl_pipeline
 
@@ -27,6 +25,10 @@ def _models(train_text_encoder: bool) -> AdaptedModels:
     return AdaptedModels(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
 
 
+def _add(args, models: AdaptedModels) -> TrainableAdapters:
+    return add_adapters(get_backend(args.adapter), options_from_args(args).adapter, models, mixed_precision=False)
+
+
 def _randomize(parameters: list[torch.nn.Parameter], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -38,7 +40,7 @@ def _randomize(parameters: list[torch.nn.Parameter], seed: int) -> None:
 def test_checkpoint_round_trip_is_exact_and_keeps_the_parameters(tmp_path, adapter, extra):
     args = parse_args([*REQUIRED, "--adapter", adapter, "--train_text_encoder", *extra])
     models = _models(train_text_encoder=True)
-    trainable = add_adapters(args, models, mixed_precision=False)
+    trainable = _add(args, models)
     parameters = trainable.unet_parameters + trainable.text_encoder_parameters
     assert trainable.unet_parameters and trainable.text_encoder_parameters
     assert all(p.requires_grad and p.dtype == torch.float32 for p in parameters)
@@ -47,9 +49,9 @@ def test_checkpoint_round_trip_is_exact_and_keeps_the_parameters(tmp_path, adapt
 
     _randomize(parameters, seed=1)
     saved = [p.detach().clone() for p in parameters]
-    save_adapter_weights(adapter, tmp_path, models)
+    get_backend(adapter).save(tmp_path, models.components())
     _randomize(parameters, seed=2)
-    load_adapter_weights_in_place(adapter, tmp_path, models)
+    load_adapter_weights_in_place(get_backend(adapter), tmp_path, models)
     current = trainable.unet_parameters + trainable.text_encoder_parameters
     assert [id(p) for p in current] == [id(p) for p in parameters]  # the optimizer's references stay valid
     for before, after in zip(saved, parameters, strict=True):
@@ -60,7 +62,7 @@ def test_lily_parameters_are_counted_once():
     args = parse_args([*REQUIRED, *SMALL_LILY])
     models = _models(train_text_encoder=False)
     expected = count_lily_parameters(models.unet, LilyConfig(r=4, stride_A=2, num_B=2))
-    trainable = add_adapters(args, models, mixed_precision=False)
+    trainable = _add(args, models)
     assert trainable.num_parameters == expected
     assert trainable.text_encoder_parameters == []
 
@@ -69,7 +71,7 @@ def test_match_lora_budget_picks_the_largest_fitting_rank():
     args = parse_args([*REQUIRED, "--match_lora_budget", "4", "--lily_stride_A", "4", "--lily_num_B", "2"])
     models = _models(train_text_encoder=False)
     budget = count_lora_parameters(models.unet, 4, LilyConfig())
-    trainable = add_adapters(args, models, mixed_precision=False)
+    trainable = _add(args, models)
     chosen = models.unet.lily_adapters["default"].config
     assert (chosen.stride_A, chosen.num_B) == (4, 2)
     assert trainable.num_parameters <= budget
@@ -80,20 +82,48 @@ def test_match_lora_budget_picks_the_largest_fitting_rank():
 def test_invalid_lily_settings_are_a_training_error():
     args = parse_args([*REQUIRED, "--lily_num_B", "1"])
     with pytest.raises(TrainingError, match=r"invalid Lily settings.*num_B"):
-        add_adapters(args, _models(train_text_encoder=False), mixed_precision=False)
+        _add(args, _models(train_text_encoder=False))
     args = parse_args([*REQUIRED, "--target_modules", "no_such_layer"])
     with pytest.raises(TrainingError, match="invalid Lily settings"):
-        add_adapters(args, _models(train_text_encoder=False), mixed_precision=False)
+        _add(args, _models(train_text_encoder=False))
 
 
 def test_resuming_with_another_adapter_or_config_is_refused(tmp_path):
     lily = parse_args([*REQUIRED, *SMALL_LILY])
     models = _models(train_text_encoder=False)
-    add_adapters(lily, models, mixed_precision=False)
-    save_adapter_weights("lily", tmp_path, models)
+    _add(lily, models)
+    get_backend("lily").save(tmp_path, models.components())
     with pytest.raises(TrainingError, match=r"no pytorch_lora_weights\.safetensors"):
-        load_adapter_weights_in_place("lora", tmp_path, models)
+        load_adapter_weights_in_place(get_backend("lora"), tmp_path, models)
     other = _models(train_text_encoder=False)
-    add_adapters(parse_args([*REQUIRED, "--lily_r", "8", "--lily_stride_A", "2", "--lily_num_B", "2"]), other, False)
+    _add(parse_args([*REQUIRED, "--lily_r", "8", "--lily_stride_A", "2", "--lily_num_B", "2"]), other)
     with pytest.raises(TrainingError, match="another Lily config"):
-        load_adapter_weights_in_place("lily", tmp_path, other)
+        load_adapter_weights_in_place(get_backend("lily"), tmp_path, other)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "extra"),
+    [("lily", SMALL_LILY), ("lily", ["--match_lora_budget", "2", "--lily_num_B", "2"]), ("lora", ["--rank", "3"])],
+)
+def test_budget_count_is_the_trainable_count(adapter, extra):
+    args = parse_args([*REQUIRED, "--adapter", adapter, *extra])
+    backend, options = get_backend(adapter), options_from_args(args).adapter
+    counted = backend.count_parameters(_models(False).unet, args.target_modules, options)
+    assert counted == _add(args, _models(False)).num_parameters > 0
+
+
+@pytest.mark.parametrize("adapter", ["lily", "lora"])
+def test_each_backend_detects_only_its_own_file(tmp_path, adapter):
+    args = parse_args([*REQUIRED, "--adapter", adapter, *(SMALL_LILY if adapter == "lily" else [])])
+    models = _models(train_text_encoder=False)
+    _add(args, models)
+    path = get_backend(adapter).save(tmp_path, models.components())
+    assert path.name == get_backend(adapter).weight_name
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, keys = handle.metadata() or {}, list(handle.keys())
+    assert [kind for kind, backend in BACKENDS.items() if backend.detect(metadata, keys)] == [adapter]
+
+
+def test_unknown_kind_is_one_line():
+    with pytest.raises(ValueError, match=r"unknown adapter kind 'loha'; known: lily, lora"):
+        get_backend("loha")

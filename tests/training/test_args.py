@@ -129,3 +129,13 @@ def test_help_renders_with_every_lily_flag():
     for flag in ("--adapter", "--lily_r", "--lily_stride_A", "--lily_num_B", "--lily_scaling", "--lily_routing",
                  "--target_modules", "--match_lora_budget", "--config_file"):  # fmt: skip
         assert flag in text
+
+
+def test_every_flag_is_in_exactly_one_options_group():
+    from dataclasses import fields
+
+    from lily_diffusion.training.options import GROUP_TYPES
+
+    names = [field.name for group in GROUP_TYPES for field in fields(group)]
+    flags = {action.dest for action in build_parser()._actions if action.dest != "help"}
+    assert len(names) == len(set(names)) and set(names) == flags

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lily_diffusion.training.args import parse_args
+from lily_diffusion.training.args import parse_args, parse_options
 from lily_diffusion.training.data import RESAMPLING, prepare_image
 from lily_diffusion.training.optim import build_lr_scheduler
 
@@ -16,9 +16,9 @@ PIECEWISE = ["--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:3,0.1
 
 def multipliers(argv: list[str], optimizer_steps: int, num_processes: int) -> list[float]:
     """The learning-rate multiplier at each optimizer step; the scheduler steps once per process, as in accelerate."""
-    args = parse_args([*REQUIRED, *argv, "--learning_rate", "1.0"])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-    scheduler = build_lr_scheduler(args, optimizer, max_train_steps=optimizer_steps, num_processes=num_processes)
+    optim = parse_options([*REQUIRED, *argv, "--learning_rate", "1.0"]).optim
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.learning_rate)
+    scheduler = build_lr_scheduler(optim, optimizer, max_train_steps=optimizer_steps, num_processes=num_processes)
     seen = []
     for _ in range(optimizer_steps):
         seen.append(optimizer.param_groups[0]["lr"])

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lily_diffusion.backends import get_backend
 from lily_diffusion.config import LilyConfig
 from lily_diffusion.layer import LilyLinear
 from lily_diffusion.training.adapters import AdaptedModels, add_adapters
-from lily_diffusion.training.args import build_parser, ignored_flags, parse_args
+from lily_diffusion.training.args import build_parser, ignored_flags, options_from_args, parse_args
 from lily_diffusion.training.class_images import check_class_data_dir
 from lily_diffusion.training.conditioning import truncation_warnings
 from lily_diffusion.training.data import (
@@ -369,7 +370,7 @@ def test_target_modules_are_suffixes_or_one_regex():
 
     def adapted(args, kind):
         unet = build_tiny_sdxl_pipeline(seed=0).unet
-        add_adapters(args, AdaptedModels(unet=unet), mixed_precision=False)
+        add_adapters(get_backend(args.adapter), options_from_args(args).adapter, AdaptedModels(unet=unet), False)
         is_adapted = (lambda m: isinstance(m, LilyLinear)) if kind == "lily" else (lambda m: hasattr(m, "lora_A"))
         return {
             name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
@@ -424,7 +425,7 @@ def test_flags_that_do_nothing_are_named():
         "--lr_warmup_steps", "10", "--lr_step_rules", "1:5,0.1", "--hub_token", "hf_x",
         "--num_train_epochs", "3", "--max_train_steps", "9",
     ])  # fmt: skip
-    assert ignored_flags(args) == [
+    assert ignored_flags(options_from_args(args)) == [
         "--validation_steps is ignored without --validation_prompt",
         "--class_data_dir is ignored without --with_prior_preservation",
         "--class_prompt is ignored without --with_prior_preservation",
@@ -434,10 +435,10 @@ def test_flags_that_do_nothing_are_named():
         "--num_train_epochs is ignored with --max_train_steps",
     ]
     both = parse_args([*REQUIRED, "--validation_prompt", "x", "--validation_steps", "5", "--validation_epochs", "2"])
-    assert ignored_flags(both) == ["--validation_epochs is ignored with --validation_steps"]
+    assert ignored_flags(options_from_args(both)) == ["--validation_epochs is ignored with --validation_steps"]
     lora = parse_args([*REQUIRED, "--adapter", "lora", "--lily_r", "8"])
-    assert ignored_flags(lora) == ["--lily_r is ignored with --adapter lora"]
-    assert ignored_flags(parse_args(REQUIRED)) == []
+    assert ignored_flags(options_from_args(lora)) == ["--lily_r is ignored with --adapter lora"]
+    assert ignored_flags(options_from_args(parse_args(REQUIRED))) == []
 
 
 def test_prompts_longer_than_the_tokenizer_are_named_once():
@@ -481,10 +482,10 @@ def test_checks_before_work_come_from_the_flags_alone(tmp_path):
     (tmp_path / "file").write_text("x")
     flags = [*REQUIRED, "--output_dir", tmp_path / "out"]
     with pytest.raises(TrainingError, match=r"^invalid Lily settings: LilyConfig\.num_B must be an integer >= 2"):
-        check_before_work(parse_args([str(f) for f in [*flags, "--lily_num_B", "1"]]))
+        check_before_work(options_from_args(parse_args([str(f) for f in [*flags, "--lily_num_B", "1"]])))
     prior = [*flags, "--with_prior_preservation", "--class_prompt", "a star", "--class_data_dir", tmp_path / "file"]
     with pytest.raises(TrainingError) as info:
-        check_before_work(parse_args([str(f) for f in prior]))
+        check_before_work(options_from_args(parse_args([str(f) for f in prior])))
     assert str(info.value) == f"--class_data_dir {tmp_path / 'file'} is a file, not a folder"
-    check_before_work(parse_args([str(f) for f in flags]))
+    check_before_work(options_from_args(parse_args([str(f) for f in flags])))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created yet

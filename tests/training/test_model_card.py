@@ -3,7 +3,6 @@ count read back from the file, the validation grid, a snippet that runs, no secr
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -15,6 +14,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from lily_diffusion import LilyConfig, add_lily, save_lily_weights
+from lily_diffusion.training import TrainingOptions, parse_options
 from lily_diffusion.training.model_card import write_run_card
 from lily_diffusion.training.outputs import upload_selection
 from tests.training.conftest import REPO, cli_environment
@@ -24,11 +24,12 @@ PROMPT = "a photo of sks square"
 CONFIG = LilyConfig(r=2, stride_A=2, num_B=2, init_weights=False)
 
 
-def run_args(output_dir: Path, base: Path) -> argparse.Namespace:
-    return argparse.Namespace(
-        output_dir=str(output_dir), adapter="lily", pretrained_model_name_or_path=str(base), instance_prompt=PROMPT,
-        rank=4, validation_prompt="sks square on a beach", hub_token=SECRET, hub_model_id="user/lily-square",
-    )  # fmt: skip
+def run_args(output_dir: Path, base: Path) -> TrainingOptions:
+    return parse_options([
+        "--output_dir", str(output_dir), "--adapter", "lily", "--pretrained_model_name_or_path", str(base),
+        "--instance_data_dir", str(output_dir), "--instance_prompt", PROMPT, "--validation_prompt",
+        "sks square on a beach", "--push_to_hub", "--hub_token", SECRET, "--hub_model_id", "user/lily-square",
+    ])  # fmt: skip
 
 
 def test_the_card_says_what_was_trained_and_its_snippet_runs(tiny_sdxl_path, hf_home, tmp_path):

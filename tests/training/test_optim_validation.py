@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lily_diffusion.training.args import parse_args
+from lily_diffusion.images import labelled_grid
+from lily_diffusion.training.args import build_parser, parse_options
 from lily_diffusion.training.errors import TrainingError
 from lily_diffusion.training.optim import (
     build_lr_scheduler,
@@ -17,13 +19,15 @@ from lily_diffusion.training.optim import (
     parameter_groups,
     scale_learning_rates,
 )
-from lily_diffusion.training.validation import labelled_grid
+from lily_diffusion.training.outputs import REDACTED, write_training_args
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
 
 
 def test_groups_use_the_text_encoder_learning_rate_and_decay():
-    args = parse_args([*REQUIRED, "--learning_rate", "1e-3", "--train_text_encoder", "--text_encoder_lr", "1e-5"])
+    args = parse_options(
+        [*REQUIRED, "--learning_rate", "1e-3", "--train_text_encoder", "--text_encoder_lr", "1e-5"]
+    ).optim
     unet_p, te_p = [torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(3))]
     optimizer = build_optimizer(args, parameter_groups(args, unet_p, te_p))
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -32,10 +36,11 @@ def test_groups_use_the_text_encoder_learning_rate_and_decay():
 
 
 def test_scale_lr_multiplies_by_processes_accumulation_and_batch():
-    args = parse_args([*REQUIRED, "--learning_rate", "1e-4", "--train_batch_size", "2",
-                       "--gradient_accumulation_steps", "3"])  # fmt: skip
-    scale_learning_rates(args, num_processes=2)
-    assert args.learning_rate == pytest.approx(1.2e-3) and args.text_encoder_lr == pytest.approx(6e-5)
+    options = parse_options([*REQUIRED, "--learning_rate", "1e-4", "--train_batch_size", "2",
+                             "--gradient_accumulation_steps", "3"])  # fmt: skip
+    scaled = scale_learning_rates(options.optim, num_processes=2)
+    assert scaled.learning_rate == pytest.approx(1.2e-3) and scaled.text_encoder_lr == pytest.approx(6e-5)
+    assert (options.optim.learning_rate, options.flags()["learning_rate"]) == (1e-4, 1e-4)  # what the user typed
 
 
 @pytest.mark.parametrize(("flags", "package"), [(["--optimizer", "prodigy"], "prodigyopt"),
@@ -43,13 +48,15 @@ def test_scale_lr_multiplies_by_processes_accumulation_and_batch():
 def test_missing_optional_optimizer_is_a_clear_error(monkeypatch, flags, package):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == package else real(name))
-    args = parse_args([*REQUIRED, *flags])
+    args = parse_options([*REQUIRED, *flags]).optim
     with pytest.raises(TrainingError, match=f"pip install {package}"):
         build_optimizer(args, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}])
 
 
 def test_warmup_counts_steps_on_every_process():
-    args = parse_args([*REQUIRED, "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1.0"])
+    args = parse_options(
+        [*REQUIRED, "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1.0"]
+    ).optim
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_lr_scheduler(args, optimizer, max_train_steps=4, num_processes=2)
     lrs = []
@@ -63,7 +70,7 @@ def test_warmup_counts_steps_on_every_process():
 def test_labelled_grid_keeps_every_image_below_the_label():
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     images = [Image.new("RGB", (16, 16), c) for c in colors]
-    grid = labelled_grid(images, "step 4: a photo of sks dog")
+    grid = labelled_grid([[image] for image in images], title="step 4: a photo of sks dog")
     band = grid.height - 16
     assert band > 0 and grid.width >= 48
     for i, color in enumerate(colors):
@@ -71,3 +78,15 @@ def test_labelled_grid_keeps_every_image_below_the_label():
         assert (tile == color).all()
     label = np.asarray(grid.crop((0, 0, grid.width, band)))
     assert (label < 128).any() and (label == 255).any()  # dark text on white
+
+
+def test_training_args_json_records_the_flags_as_given(tmp_path):
+    flags = ["--scale_lr", "--learning_rate", "1e-4", "--train_batch_size", "2", "--hub_token", "hf_secret"]
+    options = parse_options([*REQUIRED, *flags, "--output_dir", str(tmp_path)])
+    scale_learning_rates(options.optim, num_processes=4)  # a derived value, never written back
+    write_training_args(options)
+    text = (tmp_path / "training_args.json").read_text()
+    recorded = json.loads(text)
+    assert recorded["learning_rate"] == 1e-4 and recorded["scale_lr"] is True and recorded["train_batch_size"] == 2
+    assert recorded["hub_token"] == REDACTED and "hf_secret" not in text
+    assert set(recorded) == {action.dest for action in build_parser()._actions if action.dest != "help"}
