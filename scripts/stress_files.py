@@ -30,7 +30,8 @@ UNET_CONFIG_KEY = "lily_config.unet"
 def read_safetensors(path: Path) -> tuple[Tensors, Metadata]:
     """Every tensor and the metadata of a safetensors file."""
     with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle), dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
+        return tensors, dict(handle.metadata() or {})
 
 
 def rewrite(
