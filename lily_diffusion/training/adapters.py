@@ -97,7 +97,17 @@ def lily_config_from_args(args: argparse.Namespace, targets: list[str] | str) ->
     try:
         return LilyConfig(**values)
     except (ValueError, TypeError) as err:
-        raise TrainingError(f"invalid Lily settings: {err}") from err
+        raise TrainingError(f"invalid Lily settings: {first_line(err)}") from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (torch appends pages of C++ frames to some)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether an error is an allocation that failed (torch's CPU and CUDA allocators, or Python's)."""
+    return isinstance(err, MemoryError) or "alloc" in str(err).lower() or "out of memory" in str(err).lower()
 
 
 def _copy_targets(targets: list[str] | str) -> list[str] | str:
@@ -114,7 +124,13 @@ def _add_lily(args: argparse.Namespace, model: nn.Module, targets: list[str] | s
             logger.info(f"{label}: Lily r={config.r} fits LoRA rank {args.match_lora_budget} ({lora_count:,} params)")
         adapter = add_lily(model, config, adapter_name=ADAPTER_NAME)
     except (ValueError, TypeError) as err:
-        raise TrainingError(f"invalid Lily settings for the {label}: {err}") from err
+        raise TrainingError(f"invalid Lily settings for the {label}: {first_line(err)}") from err
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise TrainingError(
+            f"not enough memory for the {label}'s Lily adapter (r={config.r}, num_B={config.num_B}): {first_line(err)}"
+        ) from err
     parameters = list(adapter.parameters())
     logger.info(f"{label}: Lily adapter with {sum(p.numel() for p in parameters):,} trainable parameters")
     return parameters
@@ -136,7 +152,11 @@ def _add_lora(args: argparse.Namespace, model: nn.Module, targets: list[str] | s
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
             model.peft_config = {ADAPTER_NAME: config}  # as add_adapter records it; the saved metadata reads it
     except (ValueError, TypeError) as err:
-        raise TrainingError(f"cannot add LoRA: {err}") from err
+        raise TrainingError(f"cannot add LoRA: {first_line(err)}") from err
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise TrainingError(f"not enough memory for a LoRA of rank {args.rank}: {first_line(err)}") from err
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -120,6 +120,8 @@ def check_before_work(args: argparse.Namespace) -> None:
     if args.adapter == "lily":
         lily_config_from_args(args, args.target_modules)
     check_writable_folder(args.output_dir, "--output_dir")
+    if args.report_to not in ("none", ""):
+        check_writable_folder(Path(args.output_dir, args.logging_dir), "--logging_dir")
     if args.with_prior_preservation:
         check_class_data_dir(args.class_data_dir, args.num_class_images)
 
