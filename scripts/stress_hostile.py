@@ -28,6 +28,7 @@ from .stress_cases import (
 )
 
 HUGE_INT = "100000000000000000000"  # 10**20
+BACKTRACKING = r"(?:(\w+)\.?(?(1)|x))+[!?]"  # exponential matching time on module names, even for `regex`
 INT_VALUES = ("abc", "1.5", "-1", "0", HUGE_INT)
 FLOAT_VALUES = ("abc", "nan", "inf", "-1", "0", "1e39")
 # Where a value other than a positive integer / non-negative float is valid.
@@ -71,6 +72,14 @@ def _expectation(name: str, kind: str, value: str) -> str:
     return "refuse" if name in HUGE_REFUSED else "either"  # 10**20
 
 
+INT_MAX = "2147483647"  # the largest value the count flags take: a memory bomb where a flag sizes something
+INT_MAX_TRIED = ("repeats", "lily_r", "lily_num_B", "lily_stride_A", "match_lora_budget", "train_batch_size",
+                 "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit",
+                 "local_rank")  # fmt: skip
+EMPTY_TRIED = ("output_dir", "instance_data_dir", "class_data_dir", "pretrained_vae_model_name_or_path",
+               "resume_from_checkpoint", "config_file", "logging_dir", "cache_dir", "dataset_name")  # fmt: skip
+
+
 def flag_cases() -> list[Case]:
     """Every numeric training flag with each value of INT_VALUES / FLOAT_VALUES; a refusal must name the flag."""
     cases = []
@@ -82,6 +91,12 @@ def flag_cases() -> list[Case]:
             says = (f"--{name}",) if expect == "refuse" else ()
             step = train(f"--{name}", value, expect=expect, says=says, makes=())
             cases.append(Case(f"--{name} {value}", "flags", (step,)))
+    for name in INT_MAX_TRIED:
+        cases.append(Case(f"--{name} {INT_MAX}", "flags", (train(f"--{name}", INT_MAX, expect="either", makes=()),)))
+    for name in EMPTY_TRIED:
+        cases.append(Case(f"--{name} ''", "flags", (refuse_train(f"--{name}", "", says=(f"--{name}",)),)))
+    cases.append(Case(f"--adapter lora --rank {INT_MAX}", "flags",
+                      (train("--adapter", "lora", "--rank", INT_MAX, expect="either", makes=()),)))  # fmt: skip
     return cases + choice_flag_cases() + grid_flag_cases()
 
 
@@ -148,7 +163,6 @@ def choice_flag_cases() -> list[Case]:
         ("--resume_from_checkpoint a file", refuse_train("--resume_from_checkpoint", "{case}/f")),
         ("--logging_dir under a file with tensorboard",
          refuse_train("--report_to", "tensorboard", "--logging_dir", "{case}/f/logs")),
-        ("--output_dir ''", refuse_train("--output_dir", "")),
         ("--config_file missing", refuse_train("--config_file", "{case}/nothing.toml", says=("config file",))),
     ]  # fmt: skip
     setups = {
@@ -172,6 +186,10 @@ def grid_flag_cases() -> list[Case]:
             cases.append(
                 Case(f"lily-grid {flag} {value}", "lily-grid", (grid(flag, value, expect=expect, says=says),))
             )
+    for flag, value in (("--resolution", "9600"), ("--cell_size", "9600"), ("--num_inference_steps", "1001")):
+        cases.append(
+            Case(f"lily-grid {flag} {value}", "lily-grid", (grid(flag, value, expect="refuse", says=(flag,)),))
+        )
     for value, expect in (("abc", "refuse"), ("nan", "refuse"), ("inf", "refuse"), ("1e39", "refuse"), ("-1", "ok")):
         says = ("--guidance_scale",) if expect == "refuse" else ()
         cases.append(
@@ -247,8 +265,10 @@ def adapter_file_cases() -> list[Case]:
         ("config target []", lily_variant("f.safetensors", metadata=files.edit_config(target_modules=[])), "refuse"),
         ("config target [1, 2]", lily_variant("f.safetensors", metadata=files.edit_config(target_modules=[1, 2])),
          "refuse"),
-        ("config exclude hostile regex",
-         lily_variant("f.safetensors", metadata=files.edit_config(exclude_modules=r"(\w+\.?)+\.zzz")), "refuse"),
+        ("config exclude backtracking regex",
+         lily_variant("f.safetensors", metadata=files.edit_config(exclude_modules=BACKTRACKING)), "refuse"),
+        ("config target backtracking regex",
+         lily_variant("f.safetensors", metadata=files.edit_config(target_modules=BACKTRACKING)), "refuse"),
         ("config routing evil", lily_variant("f.safetensors", metadata=files.edit_config(routing="evil")), "refuse"),
         ("config init_weights 'yes'", lily_variant("f.safetensors", metadata=files.edit_config(init_weights="yes")),
          "refuse"),
@@ -272,6 +292,7 @@ def adapter_file_cases() -> list[Case]:
         Case("loader: scale=1e30", "files", (load("{lily}", scale=1e30),)),
         Case("loader: scale=inf", "files", (load("{lily}", scale={"float": "inf"}),)),
         Case("loader: component='nope' on a pipeline", "files", (load("{lily}", component="nope"),)),
+        Case("loader: component='unet' on a pipeline", "files", (load("{lily}", expect="ok", component="unet"),)),
         Case("loader: the trained file loads", "files", (load("{lily}", expect="ok"),)),
         Case("lily-grid: adapter with config nested 100000 deep", "files",
              (grid("--adapter", "x={case}/f.safetensors", expect="refuse"),),
@@ -432,6 +453,7 @@ def config_cases() -> list[Case]:
         ("run.json", '{"resolution": 32}', "refuse"),
         ("run.toml", b'instance_prompt = "caf\xe9"\n', "refuse"),
         ("run.toml", "a = " + "[" * 100_000 + "]" * 100_000 + "\n", "refuse"),
+        ("run.toml", 'instance_prompt = "' + "sks " * 1_000_000 + '"\n', "either"),
     ]
     cases = []
     for index, (name, content, expect) in enumerate(rows):
@@ -471,13 +493,15 @@ def caption_cases() -> list[Case]:
         ("file_name a number", write(meta, '{"file_name": 3, "text": "x"}\n'), "refuse"),
         ("a line nested 100000 deep", write(meta, files.deeply_nested_json() + "\n"), "refuse"),
         ("a caption nested 100000 deep", write(meta, line(files.deeply_nested_json())), "refuse"),
-        ("a caption of 20000 words", write(meta, line(json.dumps("sks star " * 10_000))), "ok"),
+        ("a caption of 180000 characters", write(meta, line(json.dumps("sks star " * 20_000))), "refuse"),
+        ("a caption of 90000 characters", write(meta, line(json.dumps("sks star " * 10_000))), "ok"),
+        ("a .txt caption of 50 MB", write("img/sks_star_0.txt", "x" * 50_000_000), "refuse"),
         ("control characters and NUL", write(meta, line(json.dumps("a photo\u0000 of\u0007 sks\u202e star"))), "ok"),
         ("an empty .txt", write("img/sks_star_0.txt", ""), "ok"),
         ("metadata.jsonl a folder", made(lambda c, fx: (c / meta).mkdir()), "either"),
         ("BOM and CRLF", write(meta, "\ufeff" + line('"a photo of sks star"').replace("\n", "\r\n")), "ok"),
         ("a file_name with ../", write(meta, '{"file_name": "../../x.png", "text": "x"}\n'), "ok"),
-        ("a line of 50 MB", write(meta, line(json.dumps("x" * 50_000_000))), "either"),
+        ("a line of 50 MB", write(meta, line(json.dumps("x" * 50_000_000))), "refuse"),
     ]
     return [
         Case(f"caption: {name}", "files",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     preload()
+    gc.freeze()  # the forked steps then copy fewer of this process's pages (the collector would touch them all)
     logger.info("warm in %.1f s; %d cases", time.monotonic() - started, len(cases))
     root = Path(tempfile.mkdtemp(prefix="stress-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
