@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import gc
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,34 +136,43 @@ def _exec_step(spec) -> int:
     return process.pid
 
 
-def run_step(step, case_dir: Path, index: int, fixtures, time_scale: float) -> StepResult:
-    """Run one step in its own process group and wait for it (SIGKILL to the group past the timeout)."""
+@dataclass
+class RunningStep:
+    """A step's process in flight."""
+
+    pid: int
+    stdout: str
+    stderr: str
+    started: float
+    deadline: float
+
+
+def start_step(step, case_dir: Path, index: int, fixtures, time_scale: float) -> RunningStep:
+    """Start one step in its own process group."""
     spec = _child_spec(step, case_dir, index, fixtures)
-    start = time.monotonic()
+    started = time.monotonic()
     pid = _exec_step(spec) if step.fresh else _fork_step(spec)
-    deadline = start + step.timeout * time_scale
-    status, timed_out = None, False
-    while status is None:
-        done, raw = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = raw
-        elif time.monotonic() > deadline:
-            timed_out = True
-            _kill_group(pid)
-            _, status = os.waitpid(pid, 0)
-        else:
-            time.sleep(POLL_S)
-    seconds = time.monotonic() - start
-    _kill_group(pid)  # whatever the step left running (data loader workers)
+    return RunningStep(pid, spec.stdout, spec.stderr, started, started + step.timeout * time_scale)
+
+
+def poll_step(running: RunningStep) -> StepResult | None:
+    """The step's result once it has ended (SIGKILL to its group past its deadline), else None."""
+    done, status = os.waitpid(running.pid, os.WNOHANG)
+    timed_out = not done and time.monotonic() > running.deadline
+    if not done and not timed_out:
+        return None
+    _kill_group(running.pid)  # a step past its deadline, or what a step left running (data loader workers)
+    if timed_out:
+        _, status = os.waitpid(running.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     read = lambda path: Path(path).read_text(errors="replace") if Path(path).exists() else ""  # noqa: E731
     return StepResult(
         code=None if timed_out or code < 0 else code,
         signal=-code if code < 0 and not timed_out else None,
         timed_out=timed_out,
-        seconds=seconds,
-        stdout=read(spec.stdout),
-        stderr=read(spec.stderr),
+        seconds=time.monotonic() - running.started,
+        stdout=read(running.stdout),
+        stderr=read(running.stderr),
     )
 
 
@@ -283,8 +292,9 @@ def leaked_secrets(case_dir: Path, mark: bytes) -> list[str]:
     return found
 
 
-def run_case(case, case_dir: Path, fixtures, time_scale: float) -> dict[str, object]:
-    """Set up, run every step (stopping at the first that is not clean), check; the case's outcome as a dict."""
+def run_case(case, case_dir: Path, fixtures) -> Generator[tuple[object, int], StepResult, dict[str, object]]:
+    """Set up, run every step (stopping at the first that is not clean), check: a generator that yields each
+    (step, index) to run and is sent its StepResult; it returns the case's outcome as a dict."""
     from .stress_cases import SECRET_MARK
     from .stress_table import worst
 
@@ -297,7 +307,7 @@ def run_case(case, case_dir: Path, fixtures, time_scale: float) -> dict[str, obj
     for index, step in enumerate(case.steps):
         results_before = weight_files(out)
         stamps_before = _safetensors_stamps(out)
-        result = run_step(step, case_dir, index, fixtures, time_scale)
+        result = yield step, index
         category, note = judge_step(step, result, case_dir, fixtures)
         if category == "clean":
             category, note = _check_preserved(step, out, results_before) or (category, note)
@@ -342,62 +352,69 @@ def _check_preserved(step, out: Path, before: dict[Path, str]) -> tuple[str, str
 # Running every case, at most `jobs` at once.
 
 
-def _fork_case(case, case_dir: Path, fixtures, time_scale: float) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            _die_with_parent()
-            logging.getLogger().handlers.clear()
-            outcome = run_case(case, case_dir, fixtures, time_scale)
-        except BaseException as error:
-            outcome = {
-                "category": "traceback",
-                "note": f"stress runner: {type(error).__name__}: {error}",
-                "seconds": 0,
-            }
-            code = 1
-        finally:
-            try:
-                (case_dir / "outcome.json").write_text(json.dumps(outcome))
-            finally:
-                os._exit(code)
-    return pid
+@dataclass
+class RunningCase:
+    """A case in flight: its generator (see run_case) and the step it is waiting for."""
+
+    index: int
+    case: object
+    case_dir: Path
+    steps: Generator
+    step: RunningStep | None = None
+
+
+def _advance(running: RunningCase, result: StepResult | None, fixtures, time_scale: float) -> dict | None:
+    """Feed the case its last step's result; start the next step, or return the case's outcome."""
+    try:
+        step, index = running.steps.send(result)
+    except StopIteration as stop:
+        return stop.value
+    except Exception as error:  # a bug of this script, reported as the case's note
+        return {"category": "traceback", "note": f"stress runner: {type(error).__name__}: {error}", "seconds": 0}
+    running.step = start_step(step, running.case_dir, index, fixtures, time_scale)
+    return None
 
 
 def run_cases(cases: list, root: Path, fixtures, jobs: int, time_scale: float, by_name: bool = False) -> list:
-    """Run `cases` (at most `jobs` at once), each in `root/NNN` (or `root/NAME`); their outcomes, in order."""
+    """Run `cases` (at most `jobs` steps at once), each in `root/NNN` (or `root/NAME`); their outcomes, in order.
+
+    Setting up and judging happen here; each step is a process forked from here (so from the warm state)."""
     from .stress_table import Outcome
 
     pending = list(enumerate(cases))
-    running: dict[int, tuple[int, object, Path, float]] = {}
+    running: list[RunningCase] = []
     outcomes: dict[int, Outcome] = {}
+
+    def finish(item: RunningCase, data: dict) -> None:
+        outcome = Outcome(item.case.name, item.case.group, data["category"], data["note"], data["seconds"])
+        outcomes[item.index] = outcome
+        level = logging.INFO if outcome.category == "clean" else logging.WARNING
+        note = "" if outcome.category == "clean" else f": {outcome.note}"
+        logger.log(level, "[%d/%d] %-9s %s (%.1f s)%s", len(outcomes), len(cases), outcome.category,
+                   item.case.name, outcome.seconds, note)  # fmt: skip
+
     while pending or running:
         while pending and len(running) < jobs:
             index, case = pending.pop(0)
             case_dir = root / (case.name if by_name else f"{index:03d}")
-            running[_fork_case(case, case_dir, fixtures, time_scale)] = (index, case, case_dir, time.monotonic())
-        pid, _ = os.wait()
-        index, case, case_dir, started = running.pop(pid)
-        try:
-            data = json.loads((case_dir / "outcome.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            data = {"category": "traceback", "note": "the case's runner died", "seconds": time.monotonic() - started}
-        outcome = Outcome(case.name, case.group, data["category"], data["note"], data["seconds"])
-        outcomes[index] = outcome
-        level = logging.INFO if outcome.category == "clean" else logging.WARNING
-        logger.log(
-            level,
-            "[%d/%d] %-9s %s (%.1f s)%s",
-            len(outcomes),
-            len(cases),
-            outcome.category,
-            case.name,
-            outcome.seconds,
-            "" if outcome.category == "clean" else f": {outcome.note}",
-        )
+            item = RunningCase(index, case, case_dir, run_case(case, case_dir, fixtures))
+            data = _advance(item, None, fixtures, time_scale)
+            if data is None:
+                running.append(item)
+            else:
+                finish(item, data)
+        progressed = False
+        for item in list(running):
+            result = poll_step(item.step)
+            if result is None:
+                continue
+            progressed = True
+            data = _advance(item, result, fixtures, time_scale)
+            if data is not None:
+                running.remove(item)
+                finish(item, data)
+        if not progressed:
+            time.sleep(POLL_S)
     return [outcomes[i] for i in sorted(outcomes)]
 
 
