@@ -26,6 +26,9 @@ SECRET = "hf_SECRET_stress_0123456789"  # planted wherever a secret can be given
 SECRET_MARK = b"hf_SECRET"
 LILY = "pytorch_lily_weights.safetensors"
 LORA = "pytorch_lora_weights.safetensors"
+# The first of the subject images the cases copy (`images`), whose caption the caption cases set.
+FIRST_IMAGE = sorted(path.name for path in SUBJECT_DIR.glob("*.png"))[0]
+FIRST_IMAGE_STEM = Path(FIRST_IMAGE).stem
 TOKENS = ("{out}", "{case}", "{base}", "{subject}", "{lily}", "{lily_run}", "{lora}", "{other_base}")
 
 
@@ -348,11 +351,13 @@ def one_line_cases() -> list[Case]:
              (refuse_train("--output_dir", "{case}/ro/out", says=("--output_dir",), no_file_powers=True),),
              setup=made(lambda c, fx: ((c / "ro").mkdir(), (c / "ro").chmod(0o555)))),
         Case("metadata.jsonl not UTF-8", "one-line",
-             (refuse_train("--instance_data_dir", "{case}/img", says=("UTF-8",)),),
-             setup=all_of(images("img", {}), write(meta, b'{"file_name": "sks_star_0.png", "text": "caf\xe9"}\n'))),
+             (refuse_train("--instance_data_dir", "{case}/img", "--caption_column", "text", says=("UTF-8",)),),
+             setup=all_of(images("img", {}), write(meta, f'{{"file_name": "{FIRST_IMAGE}", "text": "caf'.encode()
+                                                   + b'\xe9"}\n'))),
         Case(".txt caption not UTF-8", "one-line",
-             (refuse_train("--instance_data_dir", "{case}/img", says=("UTF-8",)),),
-             setup=all_of(images("img", {}), write("img/sks_star_0.txt", b"caf\xe9 \xff\n"))),
+             (refuse_train("--instance_data_dir", "{case}/img", "--caption_column", "text", says=("UTF-8",)),),
+             setup=all_of(images("img", {}), write(meta, ""),
+                          write("img/" + FIRST_IMAGE_STEM + ".txt", b"caf\xe9 \xff\n"))),
         Case("--num_class_images 0 with prior preservation", "one-line",
              (refuse_train("--with_prior_preservation", "--class_prompt", "a star", "--class_data_dir", "{case}/cls",
                            "--num_class_images", "0", says=("--num_class_images",)),)),
@@ -387,12 +392,16 @@ def one_line_cases() -> list[Case]:
              (train("--class_prompt", "a star", says=("--class_prompt is ignored",)),)),
     ]  # fmt: skip
     for label, value in caption_values.items():
-        line = f'{{"file_name": "sks_star_0.png", "text": {value}}}\n'
+        line = f'{{"file_name": "{FIRST_IMAGE}", "text": {value}}}\n'
         cases.append(
             Case(
                 f"caption value {label} in metadata.jsonl",
                 "one-line",
-                (refuse_train("--instance_data_dir", "{case}/img", says=("must be a string",)),),
+                (
+                    refuse_train(
+                        "--instance_data_dir", "{case}/img", "--caption_column", "text", says=("must be a string",)
+                    ),
+                ),
                 setup=all_of(images("img", {}), write(meta, line)),
             )
         )

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from . import stress_files as files
 from .stress_cases import (
+    FIRST_IMAGE,
+    FIRST_IMAGE_STEM,
     LILY,
     Case,
     Fixtures,
@@ -35,7 +37,7 @@ FLOAT_VALUES = ("abc", "nan", "inf", "-1", "0", "1e39")
 INT_ZERO_OK = frozenset({"num_class_images", "dataloader_num_workers", "lr_warmup_steps", "seed", "validation_seed"})
 INT_NEGATIVE_OK = frozenset({"local_rank"})
 FLOAT_NEGATIVE_OK = frozenset({"lily_scaling"})
-FLOAT_ZERO_REFUSED = frozenset({"snr_gamma"})
+FLOAT_ZERO_REFUSED = frozenset({"snr_gamma", "lily_scaling"})
 HUGE_REFUSED = frozenset({"seed", "validation_seed"})
 # A huge value asks for a long run, which is not a fault: not tried.
 HUGE_NOT_TRIED = frozenset({"max_train_steps"})
@@ -485,37 +487,38 @@ def _fill_case_path(path: Path, case: Path) -> None:
 def caption_cases() -> list[Case]:
     """metadata.jsonl and .txt captions that are broken, hostile or odd."""
     meta = "img/metadata.jsonl"
-    line = lambda value: f'{{"file_name": "sks_star_0.png", "text": {value}}}\n'  # noqa: E731
+    line = lambda value: f'{{"file_name": "{FIRST_IMAGE}", "text": {value}}}\n'  # noqa: E731
     rows = [
-        ("invalid JSON", write(meta, '{"file_name": "sks_star_0.png", "text": \n'), "refuse"),
-        ("a line that is a list", write(meta, '["sks_star_0.png", "x"]\n'), "refuse"),
+        ("invalid JSON", write(meta, f'{{"file_name": "{FIRST_IMAGE}", "text": \n'), "refuse"),
+        ("a line that is a list", write(meta, f'["{FIRST_IMAGE}", "x"]\n'), "refuse"),
         ("no file_name", write(meta, '{"text": "x"}\n'), "refuse"),
         ("file_name a number", write(meta, '{"file_name": 3, "text": "x"}\n'), "refuse"),
         ("a line nested 100000 deep", write(meta, files.deeply_nested_json() + "\n"), "refuse"),
         ("a caption nested 100000 deep", write(meta, line(files.deeply_nested_json())), "refuse"),
         ("a caption of 180000 characters", write(meta, line(json.dumps("sks star " * 20_000))), "refuse"),
         ("a caption of 90000 characters", write(meta, line(json.dumps("sks star " * 10_000))), "ok"),
-        ("a .txt caption of 50 MB", write("img/sks_star_0.txt", "x" * 50_000_000), "refuse"),
+        ("a .txt caption of 50 MB", write("img/" + FIRST_IMAGE_STEM + ".txt", "x" * 50_000_000), "refuse"),
         ("control characters and NUL", write(meta, line(json.dumps("a photo\u0000 of\u0007 sks\u202e star"))), "ok"),
-        ("an empty .txt", write("img/sks_star_0.txt", ""), "ok"),
-        ("metadata.jsonl a folder", made(lambda c, fx: (c / meta).mkdir()), "either"),
+        ("an empty .txt", write("img/" + FIRST_IMAGE_STEM + ".txt", ""), "ok"),
+        ("metadata.jsonl a folder", made(lambda c, fx: ((c / meta).unlink(), (c / meta).mkdir())), "either"),
         ("BOM and CRLF", write(meta, "\ufeff" + line('"a photo of sks star"').replace("\n", "\r\n")), "ok"),
         ("a file_name with ../", write(meta, '{"file_name": "../../x.png", "text": "x"}\n'), "ok"),
         ("a line of 50 MB", write(meta, line(json.dumps("x" * 50_000_000))), "refuse"),
     ]
     return [
         Case(f"caption: {name}", "files",
-             (train("--instance_data_dir", "{case}/img", expect=expect, makes=(), timeout=60),),
-             setup=all_of(images("img", {}), setup))
+             (train("--instance_data_dir", "{case}/img", "--caption_column", "text", expect=expect, makes=(),
+                    timeout=60),),
+             setup=all_of(images("img", {}), write(meta, ""), setup))
         for name, setup, expect in rows
     ] + [
         Case("caption: --caption_column that no line has", "files",
              (refuse_train("--instance_data_dir", "{case}/img", "--caption_column", "prompt"),),
              setup=all_of(images("img", {}), write(meta, line('"x"')))),
         Case("caption: a .txt of mode 000", "files",
-             (refuse_train("--instance_data_dir", "{case}/img", no_file_powers=True),),
-             setup=all_of(images("img", {}), write("img/sks_star_0.txt", "x"),
-                          made(lambda c, fx: (c / "img" / "sks_star_0.txt").chmod(0)))),
+             (refuse_train("--instance_data_dir", "{case}/img", "--caption_column", "text", no_file_powers=True),),
+             setup=all_of(images("img", {}), write(meta, ""), write("img/" + FIRST_IMAGE_STEM + ".txt", "x"),
+                          made(lambda c, fx: (c / "img" / f"{FIRST_IMAGE_STEM}.txt").chmod(0)))),
     ]  # fmt: skip
 
 

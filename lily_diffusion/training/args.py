@@ -491,6 +491,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in non_negative:
         _check_float(name, getattr(args, name), 0.0, "non-negative number")
     _check_float("lily_scaling", args.lily_scaling)
+    if args.adapter == "lily" and args.lily_scaling == 0:
+        raise TrainingError("--lily_scaling 0 switches the adapter off: nothing would train (and no gradient exists)")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise TrainingError(f"--snr_gamma must be a finite positive number, got {args.snr_gamma}")
     _check_float("snr_gamma", args.snr_gamma)  # the SNR weights are float32
