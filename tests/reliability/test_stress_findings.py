@@ -61,6 +61,7 @@ def flag_error(capsys: pytest.CaptureFixture[str], *extra: str) -> str:
         (["--instance_data_dir", ""], "--instance_data_dir is empty"),
         (["--config_file", ""], "--config_file is empty"),
         (["--resume_from_checkpoint", ""], "--resume_from_checkpoint is empty"),
+        (["--lily_scaling", "0"], "--lily_scaling 0 switches the adapter off: nothing would train"),
     ],
 )
 def test_absurd_counts_and_empty_paths_are_one_line(capsys, extra, message):
