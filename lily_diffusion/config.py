@@ -108,6 +108,8 @@ class LilyConfig:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"LilyConfig JSON is not valid JSON: {error}") from error
+        except RecursionError:  # e.g. "[[[[...]]]]" 100,000 deep in a file's metadata: json recurses per level
+            raise ValueError("LilyConfig JSON nests arrays or objects too deeply to be a config.") from None
         if not isinstance(data, dict):
             raise ValueError(f"LilyConfig JSON must be an object, got {type(data).__name__}.")
         return cls.from_dict(data)

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 GRID_ADAPTER_NAME = "grid"  # the name each adapter is loaded under while its column is generated
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -233,11 +234,27 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-ARGUMENTS_CHECKED = ("adapter", "no_base", "resolution", "output", "pretrained_model_name_or_path")
+ARGUMENTS_CHECKED = (
+    "adapter",
+    "no_base",
+    "resolution",
+    "cell_size",
+    "prompt",
+    "seed",
+    "output",
+    "pretrained_model_name_or_path",
+)
 
 
 def _argument_problem(
-    adapter: list[str], no_base: bool, resolution: int | None, output: str, pretrained_model_name_or_path: str
+    adapter: list[str],
+    no_base: bool,
+    resolution: int | None,
+    cell_size: int | None,
+    prompt: list[str],
+    seed: list[int] | None,
+    output: str,
+    pretrained_model_name_or_path: str,
 ) -> str | None:
     """The first argument lily-grid cannot use, as a sentence, or None."""
     names = []
@@ -252,7 +269,27 @@ def _argument_problem(
         return "--no_base leaves no column to draw: give at least one --adapter"
     if resolution is not None and resolution % 8:
         return f"--resolution must be a multiple of 8 (SDXL's VAE and UNet need it), got {resolution}"
-    return _output_problem(Path(output)) or _base_problem(pretrained_model_name_or_path)
+    return (
+        _grid_size_problem(
+            len(prompt) * len(seed or [0, 1]), len(adapter) + (0 if no_base else 1), resolution, cell_size
+        )
+        or _output_problem(Path(output))
+        or _base_problem(pretrained_model_name_or_path)
+    )
+
+
+def _grid_size_problem(rows: int, columns: int, resolution: int | None, cell_size: int | None) -> str | None:
+    """The grid (and each image) must stay within PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        return None
+    for flag, side in (("--resolution", resolution), ("--cell_size", cell_size)):
+        if side is not None and rows * columns * side * side > limit:
+            return (
+                f"{flag} {side} makes a grid of {rows} x {columns} images of {rows * columns * side * side:,} pixels "
+                f"in all, more than PIL's decompression-bomb limit of {limit:,} (Image.MAX_IMAGE_PIXELS)"
+            )
+    return None
 
 
 def _output_problem(output: Path) -> str | None:
@@ -308,16 +345,43 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if abs(value) > FLOAT32_MAX:  # the pipeline computes in float32 or narrower: it would be infinite there
+        raise argparse.ArgumentTypeError(f"must be within float32's range (at most {FLOAT32_MAX:.4g}), got {text!r}")
     return value
 
 
 def load_base(name: str, dtype: torch.dtype, variant: str | None = None) -> StableDiffusionXLPipeline:
     """`StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype, variant=variant)`, with a one-line
-    `ValueError`."""
+    `ValueError`.
+
+    diffusers and transformers raise OSError, ValueError, KeyError, TypeError or RuntimeError for a folder that
+    is not a usable pipeline (a missing or corrupt file, a config with impossible sizes)."""
     try:
         return StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype, variant=variant)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ValueError(f"cannot load the base model {shorten(name)}: {one_line(error)}") from None
+
+
+def check_loaded_base(pipe: StableDiffusionXLPipeline, num_inference_steps: int) -> None:
+    """A one-line `ValueError` for a loaded base model that cannot generate as asked: a tokenizer longer than its
+    text encoder (a tokenizer folder without its files loads as an empty tokenizer of unbounded length), or more
+    denoising steps than the scheduler has training timesteps (the steps would repeat timesteps)."""
+    for tokenizer_name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
+        if tokenizer is None or encoder is None:
+            continue
+        positions = encoder.config.max_position_embeddings
+        if tokenizer.model_max_length > positions:
+            raise ValueError(
+                f"the base model's {tokenizer_name} takes {tokenizer.model_max_length:,} tokens but its "
+                f"{encoder_name} only {positions} (are the {tokenizer_name} files missing?)."
+            )
+    timesteps = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if timesteps is not None and num_inference_steps > timesteps:
+        raise ValueError(
+            f"--num_inference_steps {num_inference_steps} is more than the {timesteps} timesteps the base model's "
+            "scheduler was trained with."
+        )
 
 
 def main(input_args: Sequence[str] | None = None) -> int:
@@ -330,6 +394,7 @@ def main(input_args: Sequence[str] | None = None) -> int:
     try:
         adapters = [describe_adapter(*spec.split("=", 1)) for spec in args.adapter]
         pipe = load_base(args.pretrained_model_name_or_path, DTYPES[args.dtype], args.variant)
+        check_loaded_base(pipe, args.num_inference_steps)
         for adapter in adapters:
             check_adapter_fits(pipe, adapter)
     except (FileNotFoundError, ValueError) as error:

@@ -49,8 +49,9 @@ def load_lily_weights(
     (`hub_kwargs`: `cache_dir`, `revision`, `token`, `local_files_only`; `HF_HUB_OFFLINE` applies), or a state
     dict from `lily_state_dict` (or a dict of them keyed by component).
 
-    For a pipeline, every component in the file is loaded into the pipeline's component of that
-    name. For a bare model, the file's only component is used, or the one named by `component`.
+    For a pipeline, every component in the file (or only the one named by `component`) is loaded
+    into the pipeline's component of that name. For a bare model, the file's only component is
+    used, or the one named by `component`.
     Everything (`scale`, the file's config, keys, shapes and values) is checked before anything
     changes: a failed load leaves the model as it was. An adapter already loaded under
     `adapter_name` is replaced.
@@ -109,6 +110,10 @@ def _pair_components(
             raise ValueError(f"{source} has no {component!r} adapter; it has {sorted(file_components)}.")
         return {component: (pipe_or_model, file_components[component])}
     available = components_of(pipe_or_model)
+    if component is not None:
+        if component not in file_components:
+            raise ValueError(f"{source} has no {component!r} adapter; it has {sorted(file_components)}.")
+        file_components = {component: file_components[component]}
     lacking = sorted(set(file_components) - set(available))
     if lacking:
         raise ValueError(f"{source} has adapters for {lacking}, which this pipeline does not have.")

@@ -14,6 +14,7 @@ from torch import nn
 from ..adapter import add_lily
 from ..budget import count_lily_parameters, count_lora_parameters, lily_config_for_lora_budget
 from ..config import LilyConfig
+from ..messages import first_line, is_out_of_memory
 from ..pipeline import load_lily_weights
 from ..serialization import FORMAT, WEIGHTS_NAME, LilyFileError, attach_lily_weights, read_lily_file, save_lily_weights
 from .base import ADAPTER_NAME, AdapterBackend, AdapterError, AdapterOptions, Targets, copy_targets
@@ -57,6 +58,9 @@ class LilyBackend(AdapterBackend):
     def add(self, model: nn.Module, targets: Targets, options: AdapterOptions, label: str) -> list[nn.Parameter]:
         try:
             config = self.config_for(model, targets, options)
+        except (ValueError, TypeError) as err:
+            raise AdapterError(f"invalid Lily settings for the {label}: {first_line(err)}") from err
+        try:
             if options.match_lora_budget is not None:
                 lora_count = count_lora_parameters(model, options.match_lora_budget, config)
                 logger.info(
@@ -64,7 +68,14 @@ class LilyBackend(AdapterBackend):
                 )
             adapter = add_lily(model, config, adapter_name=ADAPTER_NAME)
         except (ValueError, TypeError) as err:
-            raise AdapterError(f"invalid Lily settings for the {label}: {err}") from err
+            raise AdapterError(f"invalid Lily settings for the {label}: {first_line(err)}") from err
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise AdapterError(
+                f"not enough memory for the {label}'s Lily adapter (r={config.r}, num_B={config.num_B}): "
+                f"{first_line(err)}"
+            ) from err
         parameters = list(adapter.parameters())
         logger.info(f"{label}: Lily adapter with {sum(p.numel() for p in parameters):,} trainable parameters")
         return parameters

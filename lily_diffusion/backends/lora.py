@@ -26,6 +26,7 @@ from torch import nn
 from ..budget import count_lora_parameters
 from ..config import LilyConfig
 from ..lora_files import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, is_lora_file
+from ..messages import first_line, is_out_of_memory
 from .base import ADAPTER_NAME, AdapterBackend, AdapterError, AdapterOptions, Targets, copy_targets
 
 
@@ -55,7 +56,11 @@ class LoraBackend(AdapterBackend):
                 inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
                 model.peft_config = {ADAPTER_NAME: config}  # as add_adapter records it; the saved metadata reads it
         except (ValueError, TypeError) as err:
-            raise AdapterError(f"cannot add LoRA: {err}") from err
+            raise AdapterError(f"cannot add LoRA: {first_line(err)}") from err
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise AdapterError(f"not enough memory for a LoRA of rank {options.rank}: {first_line(err)}") from err
         return [p for p in model.parameters() if p.requires_grad]
 
     def count_parameters(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:

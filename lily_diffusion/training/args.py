@@ -32,6 +32,22 @@ LILY_DEFAULTS = LilyConfig()
 VAE_SCALE_FACTOR = 8  # SDXL's VAE downsamples by 8: image sides must be multiples of it
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+# Past the largest 32-bit signed integer, counts overflow the C integers behind torch, numpy and itertools: a
+# traceback deep inside a library, or a run that never starts.
+MAX_COUNT = 2**31 - 1
+MAX_DATALOADER_WORKERS = 256  # a process each: more than any machine has cores
+# Flags naming a file or folder: an empty value (an unset shell variable) would silently mean the current folder.
+PATH_FLAGS = (
+    "output_dir",
+    "instance_data_dir",
+    "class_data_dir",
+    "pretrained_vae_model_name_or_path",
+    "resume_from_checkpoint",
+    "config_file",
+    "logging_dir",
+    "cache_dir",
+    "dataset_name",
+)
 # argparse takes only `-1` and `-1.5` for negative numbers; `-1e-4`, `-inf` and `-nan` would read as unknown
 # options ("expected one argument"). With this pattern they are values, so the range checks below can speak.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
@@ -348,7 +364,9 @@ def build_parser() -> OneLineArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Cross-flag checks argparse cannot express; raises TrainingError with a one-line message."""
     _check_required(args)
+    _check_not_empty(args)
     _check_counts(args)
+    _check_count_bounds(args)
     _check_numbers(args)
     _check_choices(args)
     _check_optimizer_flags(args)
@@ -378,6 +396,26 @@ def _check_required(args: argparse.Namespace) -> None:
             )
     if args.do_edm_style_training:
         raise TrainingError("--do_edm_style_training is not supported by this script")
+
+
+def _check_not_empty(args: argparse.Namespace) -> None:
+    for name in PATH_FLAGS:
+        if getattr(args, name) == "":
+            raise TrainingError(f"--{name} is empty; give a path (an empty one would mean the current folder)")
+
+
+def _check_count_bounds(args: argparse.Namespace) -> None:
+    """Integer flags (seeds aside, which have their own range) up to MAX_COUNT; data loader workers up to
+    MAX_DATALOADER_WORKERS."""
+    for name, value in vars(args).items():
+        is_count = isinstance(value, int) and not isinstance(value, bool) and name not in ("seed", "validation_seed")
+        if is_count and value > MAX_COUNT:
+            raise TrainingError(f"--{name} {value} is too large: at most {MAX_COUNT} (2**31 - 1)")
+    if args.dataloader_num_workers > MAX_DATALOADER_WORKERS:
+        raise TrainingError(
+            f"--dataloader_num_workers {args.dataloader_num_workers} is too many: at most {MAX_DATALOADER_WORKERS} "
+            "(each is a process; a few per CPU core is plenty)"
+        )
 
 
 def _same_path(first: str, second: str) -> bool:
@@ -458,8 +496,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in non_negative:
         _check_float(name, getattr(args, name), 0.0, "non-negative number")
     _check_float("lily_scaling", args.lily_scaling)
+    if args.adapter == "lily" and args.lily_scaling == 0:
+        raise TrainingError("--lily_scaling 0 switches the adapter off: nothing would train (and no gradient exists)")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise TrainingError(f"--snr_gamma must be a finite positive number, got {args.snr_gamma}")
+    _check_float("snr_gamma", args.snr_gamma)  # the SNR weights are float32
     for name in ("adam_beta1", "adam_beta2", "prodigy_beta3", "lora_dropout"):
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..patterns import shorten
+
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torch.Tensor:
     """Token ids padded/truncated to the tokenizer's max length, as the SDXL pipeline does."""
@@ -46,7 +48,7 @@ def truncation_warnings(tokenizers: Sequence[PreTrainedTokenizerBase], prompts: 
             example = "" if len(cut) == 1 else f" (first: {text[:60]!r}...)"
             warnings.append(
                 f"{what} longer than the {limit} tokens the text encoders take and truncated{example}; "
-                f"this part is ignored: {part!r}"
+                f"this part is ignored: {shorten(part)}"
             )
             break
     return warnings

@@ -39,6 +39,11 @@ RESAMPLING = {
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 # The square crop of a longer image shows less than 1/16 of it; past that, the resized image only costs memory.
 MAX_ASPECT_RATIO = 16
+# SDXL's text encoders read 77 tokens; a caption past this many characters is a mistake (a whole file pasted in),
+# and tokenizing it would take minutes at each of its uses (a million characters: seconds per call).
+MAX_CAPTION_CHARS = 100_000
+# An epoch's order is a permutation of its examples held in memory (80 MB at this many).
+MAX_EPOCH_EXAMPLES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,8 @@ def read_captions(folder: Path, caption_column: str | None) -> dict[str, str]:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise TrainingError(f"{metadata}, line {number}: not valid JSON ({err.msg})") from err
+        except RecursionError:  # "[[[[...]]]]" thousands deep: Python's json recurses once per level
+            raise TrainingError(f"{metadata}, line {number}: arrays or objects nested too deeply") from None
         if not isinstance(entry, dict) or "file_name" not in entry:
             raise TrainingError(f"{metadata}, line {number}: needs a 'file_name' field")
         if not isinstance(entry["file_name"], str) or not entry["file_name"]:
@@ -207,8 +214,21 @@ def read_captions(folder: Path, caption_column: str | None) -> dict[str, str]:
             raise TrainingError(
                 f"{metadata}, line {number}: caption {column!r} must be a string, got {json_type(entry[column])}"
             )
-        captions[Path(entry["file_name"]).name] = entry[column].strip()
+        captions[Path(entry["file_name"]).name] = check_caption_length(
+            entry[column].strip(), f"{metadata}, line {number}"
+        )
     return captions
+
+
+def check_caption_length(caption: str, where: str) -> str:
+    """`caption`, unless it is longer than MAX_CAPTION_CHARS (a TrainingError naming `where`): the text encoders
+    read only its first tokens, and tokenizing megabytes of text takes minutes at every use."""
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise TrainingError(
+            f"{where}: the caption has {len(caption):,} characters, more than the {MAX_CAPTION_CHARS:,} a caption may "
+            "have (the text encoders read only its first 77 tokens)"
+        )
+    return caption
 
 
 def sidecar_caption(image_path: Path) -> str | None:
@@ -216,7 +236,8 @@ def sidecar_caption(image_path: Path) -> str | None:
     text_file = image_path.with_suffix(".txt")
     if not text_file.is_file():
         return None
-    return "".join(line for _, line in text_lines(text_file)).strip() or None
+    caption = "".join(line for _, line in text_lines(text_file)).strip()
+    return check_caption_length(caption, str(text_file)) or None
 
 
 def scan_images(
@@ -318,6 +339,16 @@ def prepare_image(
     return PreparedImage(pixels, original_size, (top, left))
 
 
+def check_epoch_size(num_images: int, repeats: int) -> None:
+    """A TrainingError when `num_images` x `repeats` examples exceed MAX_EPOCH_EXAMPLES: each epoch's order is a
+    permutation of them held in memory (8 bytes each)."""
+    if num_images * repeats > MAX_EPOCH_EXAMPLES:
+        raise TrainingError(
+            f"--repeats {repeats} makes {num_images} x {repeats} = {num_images * repeats:,} examples per epoch, more "
+            f"than {MAX_EPOCH_EXAMPLES:,}; lower --repeats (or use --max_train_steps for a longer run)"
+        )
+
+
 @dataclass(frozen=True)
 class Example:
     """One dataset item: the prepared image (or, with --cache_latents, its VAE moments) and its prompt."""
@@ -386,6 +417,7 @@ class DreamBoothDataset(Dataset):
         self.seed = seed
         self.resample = RESAMPLING[interpolation]
         self.num_instance = len(instance_records) * repeats
+        check_epoch_size(len(instance_records), repeats)
         self.latent_cache: dict[tuple[str, int], tuple[torch.Tensor, PreparedImage]] | None = None
 
     def __len__(self) -> int:

@@ -112,6 +112,8 @@ def check_before_work(options: TrainingOptions) -> None:
     except AdapterError as err:
         raise TrainingError(str(err)) from err
     check_writable_folder(options.output.output_dir, "--output_dir")
+    if options.output.report_to not in ("none", ""):
+        check_writable_folder(Path(options.output.output_dir, options.output.logging_dir), "--logging_dir")
     if options.prior.with_prior_preservation:
         check_class_data_dir(options.prior.class_data_dir, options.prior.num_class_images)
 
