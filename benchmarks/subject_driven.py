@@ -15,6 +15,8 @@ import itertools
 import json
 import logging
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -119,6 +121,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"Markdown output (default {RESULTS}; quick: none); per-run scores go beside it as .json.",
     )
     parser.add_argument(
+        "--inference_steps", type=int, default=EvalPlan.steps, help="Denoising steps per scored image."
+    )
+    parser.add_argument(
         "--learning_curve",
         type=Path,
         default=None,
@@ -126,6 +131,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--grid", type=Path, default=None, help=f"Grid PNG (default {GRID}; quick: none).")
     args = parser.parse_args(input_args)
+    if args.inference_steps < 1:
+        parser.error(f"--inference_steps must be at least 1, got {args.inference_steps}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.learning_curve is not None and not args.learning_curve.is_file():
@@ -143,10 +152,11 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(input_args: Sequence[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(input_args)
+    argv = list(sys.argv[1:] if input_args is None else input_args)
+    args = parse_args(argv)
     use_one_thread()
     steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
-    plan = EvalPlan(seeds=(0, 1) if args.quick else (0, 1, 2, 3))
+    plan = EvalPlan(seeds=(0, 1) if args.quick else (0, 1, 2, 3), steps=args.inference_steps)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or Path(scratch)
@@ -183,7 +193,7 @@ def main(input_args: Sequence[str] | None = None) -> str:
         + (f"## Failed runs\n\n{failures}\n" if failures else "")
         + f"Total wall time {minutes:.1f} min on {platform.processor() or platform.machine()}, {n_jobs} training "
         f"processes with one torch thread each.\n\n"
-        f"```bash\npython -m benchmarks.subject_driven{' --quick' if args.quick else ''}\n```\n"
+        f"```bash\n{shlex.join(['python', '-m', 'benchmarks.subject_driven', *argv])}\n```\n"
     )
     if results_path is not None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
