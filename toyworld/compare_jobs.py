@@ -74,7 +74,7 @@ def train_and_score(payload: RunPayload) -> dict[str, Any]:
         shutil.rmtree(output_dir)
     adapter, seconds = train(payload.spec, payload.work_dir, payload.lora_rank)
     return {
-        "adapter": {"path": str(adapter.path), "kind": adapter.kind, "num_parameters": adapter.num_parameters},
+        "adapter": {"file": adapter.path.name, "kind": adapter.kind, "num_parameters": adapter.num_parameters},
         "file_bytes": adapter.path.stat().st_size,
         "train_seconds": seconds,
         "scores": score(pipe, adapter, evaluator, payload.plan),
@@ -104,10 +104,12 @@ def describe_scores(result: dict[str, Any]) -> str:
     return json.dumps({key: round(value, 3) for key, value in result["scores"].items()})
 
 
-def run_result(spec: RunSpec, result: dict[str, Any]) -> RunResult:
-    """A `RunResult` from a job's (possibly cached) result."""
-    adapter = result["adapter"]
-    grid_adapter = GridAdapter(spec.name, Path(adapter["path"]), adapter["kind"], adapter["num_parameters"])
+def run_result(payload: RunPayload, result: dict[str, Any]) -> RunResult:
+    """A `RunResult` from a job's (possibly cached) result; the adapter file is found in this `work_dir`."""
+    spec, adapter = payload.spec, result["adapter"]
+    assert spec is not None  # the base model's job has no RunResult
+    path = payload.work_dir / spec.name / adapter["file"]
+    grid_adapter = GridAdapter(spec.name, path, adapter["kind"], adapter["num_parameters"])
     return RunResult(spec, grid_adapter, result["file_bytes"], result["train_seconds"], dict(result["scores"]))
 
 
@@ -131,5 +133,5 @@ def run_all_parallel(
     base, runs = outcomes[0], outcomes[1:]
     if base.result is None:
         raise RuntimeError(f"scoring the base model failed: {base.error}")
-    results = [run_result(o.job.payload.spec, o.result) for o in runs if o.result is not None]
+    results = [run_result(o.job.payload, o.result) for o in runs if o.result is not None]
     return results, dict(base.result["scores"]), [o for o in outcomes if not o.ok]

@@ -201,6 +201,11 @@ def plot_quality_vs_params(records: Sequence[Record], path: Path, metric: str = 
         errors = [[v.mean - v.low for v in values], [v.high - v.mean for v in values]]
         axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method_name(method))
     axes.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axes.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 5,000  10,000  20,000 ...
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("trainable parameters")
     axes.set_ylabel(f"{SCORE_NAMES.get(metric, metric)} (mean, 95% CI)")
     axes.set_title(f"{SCORE_NAMES.get(metric, metric).capitalize()} vs adapter size")
