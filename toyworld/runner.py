@@ -159,6 +159,16 @@ def _timed(work: Callable[[P], dict[str, Any]], payload: P) -> tuple[dict[str, A
     return result, time.perf_counter() - started
 
 
+def _submit(pool: ProcessPoolExecutor, work: Callable[[P], dict[str, Any]], job: Job[P]) -> Future[Any]:
+    """Submit a job; on a pool broken by a dead worker, a future holding that error (reported like any other)."""
+    try:
+        return pool.submit(_timed, work, job.payload)
+    except BrokenProcessPool as error:
+        future: Future[Any] = Future()
+        future.set_exception(error)
+        return future
+
+
 def cached_jobs(jobs: Sequence[Job[Any]], cache_dir: Path | None) -> list[Job[Any]]:
     """The jobs whose results the cache already holds."""
     return [job for job in jobs if read_cached(job, cache_dir) is not None]
@@ -234,10 +244,10 @@ def run_jobs(
                 ProcessPoolExecutor(min(n_jobs, len(pending)), mp_context=context, initializer=_worker_init) as pool,
             ):
                 for job in serial:
-                    future = pool.submit(_timed, work, job.payload)
+                    future = _submit(pool, work, job)
                     wait([future])
                     finish(job, future, bar)
-                futures = {pool.submit(_timed, work, job.payload): job for job in parallel}
+                futures = {_submit(pool, work, job): job for job in parallel}
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
                     for future in done:

@@ -31,3 +31,10 @@ def interval(payload: tuple[str, float]) -> dict[str, Any]:
     started = time.time()
     time.sleep(seconds)
     return {"start": started, "end": time.time()}
+
+
+def die(payload: tuple[int, Path]) -> dict[str, Any]:
+    """A worker killed mid-job (as by the out-of-memory killer) for x < 0; else `square`."""
+    if payload[0] < 0:
+        os._exit(9)
+    return square(payload)

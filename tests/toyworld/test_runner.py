@@ -57,6 +57,16 @@ def test_a_failing_job_is_reported_in_one_line_and_the_others_finish(tmp_path, c
     assert ran(log) == [-1, -1, 2, 4]
 
 
+def test_a_dead_worker_is_reported_and_what_finished_before_stays_cached(tmp_path):
+    log, cache = tmp_path / "calls.txt", tmp_path / "cache"
+    jobs = square_jobs([2, -1, 3], log)
+    outcomes = run_jobs(jobs, runner_jobs.die, n_jobs=1, cache_dir=cache, first=["square2", "square-1"])
+    assert outcomes[0].ok and outcomes[0].result == {"square": 4}
+    assert outcomes[1].error == "a worker process died (killed, or out of memory)"
+    assert not outcomes[2].ok  # the pool is gone; reported, not raised
+    assert [o.cached for o in run_jobs(jobs[:1], runner_jobs.die, n_jobs=1, cache_dir=cache)] == [True]
+
+
 def test_an_unreadable_cache_file_means_running_again(tmp_path):
     log, cache = tmp_path / "calls.txt", tmp_path / "cache"
     [job] = square_jobs([7], log)
