@@ -10,7 +10,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .compare import CLASS_PROMPT, INSTANCE_PROMPT, EvalPlan, RunSpec, best_grid, results_table, run_all
+from .compare import CLASS_PROMPT, INSTANCE_PROMPT, EvalPlan, RunSpec, best_grid, results_table
+from .compare_jobs import run_all_parallel
+from .runner import default_jobs, use_one_thread
 
 DEMO_STEPS = 600
 # Per method, the setting with the best mean subject fidelity and similarity in the full benchmark
@@ -31,7 +33,13 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval_seeds", type=int, default=4, help="Seeds per evaluation prompt.")
     parser.add_argument("--inference_steps", type=int, default=EvalPlan.steps, help="Denoising steps per image.")
-    return parser.parse_args(input_args)
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="Processes at once, one torch thread each (default: one per core)."
+    )
+    args = parser.parse_args(input_args)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    return args
 
 
 def main(input_args: Sequence[str] | None = None) -> Path:
@@ -43,7 +51,12 @@ def main(input_args: Sequence[str] | None = None) -> Path:
         RunSpec(method, lr, args.with_prior_preservation, args.seed, args.steps)
         for method, lr in DEMO_LEARNING_RATES.items()
     ]
-    results, base_scores = run_all(specs, args.output_dir / "runs", LORA_RANK, plan)
+    use_one_thread()  # tiny models: a second thread per process only adds oversubscription on a busy machine
+    results, base_scores, failed = run_all_parallel(
+        specs, args.output_dir / "runs", LORA_RANK, plan, args.jobs or default_jobs()
+    )
+    if failed:
+        raise SystemExit("; ".join(f"{o.job.name} failed: {o.error}" for o in failed))
     table = results_table(results, base_scores)
     (args.output_dir / "scores.md").write_text(table)
     grid = best_grid(results, plan, [f"{INSTANCE_PROMPT} on a gray background", CLASS_PROMPT])

@@ -1,0 +1,40 @@
+"""Work functions for tests/toyworld/test_runner.py: module level, so spawned worker processes can import them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def square(payload: tuple[int, Path]) -> dict[str, Any]:
+    """x -> x * x; each call appends its x to `log` (how the tests see which jobs really ran)."""
+    x, log = payload
+    with log.open("a") as handle:
+        handle.write(f"{x}\n")
+    if x < 0:
+        raise RuntimeError(f"negative input {x}\nsecond line of the message\nerror: x must be >= 0")
+    return {"square": x * x}
+
+
+def threads(_: object) -> dict[str, Any]:
+    """What a worker process runs with."""
+    import torch
+
+    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid()}
+
+
+def interval(payload: tuple[str, float]) -> dict[str, Any]:
+    """Sleep; return when it started and ended (wall clock, comparable across processes)."""
+    _, seconds = payload
+    started = time.time()
+    time.sleep(seconds)
+    return {"start": started, "end": time.time()}
+
+
+def die(payload: tuple[int, Path]) -> dict[str, Any]:
+    """A worker killed mid-job (as by the out-of-memory killer) for x < 0; else `square`."""
+    if payload[0] < 0:
+        os._exit(9)
+    return square(payload)
