@@ -496,7 +496,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in non_negative:
         _check_float(name, getattr(args, name), 0.0, "non-negative number")
     _check_float("lily_scaling", args.lily_scaling)
-    if args.adapter == "lily" and args.lily_scaling == 0:
+    if args.lily_scaling == 0 and "lily_scaling" in BACKENDS[args.adapter].setting_flags:
         raise TrainingError("--lily_scaling 0 switches the adapter off: nothing would train (and no gradient exists)")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise TrainingError(f"--snr_gamma must be a finite positive number, got {args.snr_gamma}")
