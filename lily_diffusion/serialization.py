@@ -159,12 +159,15 @@ def check_weight_name(weight_name: str | None) -> str:
     return weight_name
 
 
-def resolve_weights_path(path_or_dir: str | os.PathLike[str], weight_name: str = WEIGHTS_NAME) -> Path:
+def resolve_weights_path(
+    path_or_dir: str | os.PathLike[str], weight_name: str = WEIGHTS_NAME, kind: str = "Lily"
+) -> Path:
+    """The weights file itself: `path_or_dir`, or `weight_name` inside it; `FileNotFoundError` naming the kind."""
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / weight_name
     if not path.is_file():
-        raise FileNotFoundError(f"No Lily weights file at {path}.")
+        raise FileNotFoundError(f"No {kind} weights file at {path}.")
     return path
 
 

@@ -12,13 +12,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..lora_files import LORA_WEIGHT_NAME
-from ..serialization import FORMAT
+from ..serialization import FORMAT, resolve_weights_path
 from .stats import effective_rank, lora_singular_values
 
 logger = logging.getLogger(__name__)
@@ -53,18 +52,9 @@ class LoraLayerStats:
     singular_values: list[float]
 
 
-def resolve_lora_path(path_or_dir: str | os.PathLike[str]) -> Path:
-    path = Path(path_or_dir)
-    if path.is_dir():
-        path = path / LORA_WEIGHT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No LoRA weights file at {path}.")
-    return path
-
-
 def read_lora_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LoraLayer]:
     """The file's LoRA layers keyed `component.module path`; a one-line `LoraFileError` for anything else."""
-    path = resolve_lora_path(path_or_dir)
+    path = resolve_weights_path(path_or_dir, LORA_WEIGHT_NAME, "LoRA")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
