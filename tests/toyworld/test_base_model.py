@@ -66,7 +66,7 @@ def test_generates_what_the_prompt_asks_for(pipe):
 
 def test_class_prompt_gives_plain_stars_not_the_subject(pipe):
     evaluator = ToyEvaluator.load()
-    images = generate(pipe, ["a photo of a star"] * 8, seeds=range(1000, 1008), steps=10)
+    images = generate(pipe, ["a photo of a star"] * 8, seeds=range(1000, 1008), num_inference_steps=10)
     assert evaluator.subject_probability(images).max() < 0.5
     # Measured: 7/8 plain stars for these seeds (61/64 over seeds 1000-1063) at 10 steps, 16/16 at 25 steps.
     assert evaluator.class_preservation(images) >= 0.75
