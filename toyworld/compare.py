@@ -29,9 +29,11 @@ from lily_diffusion.grids import GridAdapter, describe_adapter, generate_for_ada
 
 from .evaluate import ToyEvaluator
 from .figures import column_header, subject_grid
-from .paths import BASE_MODEL_DIR, SUBJECT_DIR, TRAIN_SCRIPT
+from .paths import BASE_MODEL_DIR, TRAIN_SCRIPT
+from .paths import SUBJECT_DIR as SUBJECT_DIR  # re-exported: the default subject's folder
 from .render import BACKGROUNDS
-from .subjects import CLASS_PROMPT, DEFAULT_SUBJECT, INSTANCE_PROMPT
+from .subjects import CLASS_PROMPT as CLASS_PROMPT  # re-exported: the default subject's prompts
+from .subjects import DEFAULT_SUBJECT, INSTANCE_PROMPT, Subject
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,9 @@ class EvalPlan:
         start = max(self.seeds) + 1
         return (*self.seeds, *range(start, start + len(self.seeds)))
 
-    def subject_prompts(self) -> list[str]:
-        return [f"{INSTANCE_PROMPT} on a {background} background" for background in BACKGROUNDS]
+    def subject_prompts(self, subject: Subject = DEFAULT_SUBJECT) -> list[str]:
+        """The subject's instance prompt on each background (its seen ones and the unseen one)."""
+        return [subject.caption(background) for background in BACKGROUNDS]
 
 
 @dataclass
@@ -89,12 +92,14 @@ class RunResult:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-def training_flags(spec: RunSpec, output_dir: Path, class_dir: Path, lora_rank: int) -> list[str]:
-    """The command line of one run; Lily gets the config that fits LoRA's budget at `lora_rank`."""
+def training_flags(
+    spec: RunSpec, output_dir: Path, class_dir: Path, lora_rank: int, subject: Subject = DEFAULT_SUBJECT
+) -> list[str]:
+    """The command line of one run on `subject`; Lily gets the config that fits LoRA's budget at `lora_rank`."""
     flags = [
         f"--pretrained_model_name_or_path={BASE_MODEL_DIR}",
-        f"--instance_data_dir={SUBJECT_DIR}",
-        f"--instance_prompt={INSTANCE_PROMPT}",
+        f"--instance_data_dir={subject.folder}",
+        f"--instance_prompt={subject.instance_prompt}",
         "--caption_column=text",
         "--resolution=32",
         "--train_batch_size=2",
@@ -115,7 +120,7 @@ def training_flags(spec: RunSpec, output_dir: Path, class_dir: Path, lora_rank: 
         flags += [
             "--with_prior_preservation",
             f"--class_data_dir={class_dir}",
-            f"--class_prompt={CLASS_PROMPT}",
+            f"--class_prompt={subject.class_prompt}",
             "--num_class_images=10",
             "--prior_loss_weight=1.0",
         ]
@@ -163,25 +168,28 @@ def run_with_progress(command: Sequence[str], name: str, total_steps: int) -> tu
 
 
 def score(
-    pipe: StableDiffusionXLPipeline, adapter: GridAdapter, evaluator: ToyEvaluator, plan: EvalPlan
+    pipe: StableDiffusionXLPipeline,
+    adapter: GridAdapter,
+    evaluator: ToyEvaluator,
+    plan: EvalPlan,
+    subject: Subject = DEFAULT_SUBJECT,
 ) -> dict[str, float]:
     """Subject fidelity, prompt (background) fidelity, also split by the subject's seen backgrounds and the unseen
-    one, and class preservation of one adapter."""
-    references = [Image.open(path).convert("RGB") for path in sorted(SUBJECT_DIR.glob("*.png"))]
-    prompts = plan.subject_prompts()
+    one, and class preservation of one adapter, for `subject`."""
+    prompts = plan.subject_prompts(subject)
     subject_images = generate_for_adapter(pipe, adapter, prompts, plan.seeds, plan.steps, plan.guidance_scale, None)
     row_prompts = [prompt for prompt in prompts for _ in plan.seeds]
     class_images = generate_for_adapter(
-        pipe, adapter, [CLASS_PROMPT], plan.class_seeds, plan.steps, plan.guidance_scale, None
+        pipe, adapter, [subject.class_prompt], plan.class_seeds, plan.steps, plan.guidance_scale, None
     )
-    backgrounds = evaluator.background_fidelity(subject_images, row_prompts, DEFAULT_SUBJECT)
+    backgrounds = evaluator.background_fidelity(subject_images, row_prompts, subject)
     return {
-        "subject": float(np.mean(evaluator.subject_probability(subject_images, DEFAULT_SUBJECT))),
-        "similarity": float(np.mean(evaluator.subject_similarity(subject_images, references))),
+        "subject": float(np.mean(evaluator.subject_probability(subject_images, subject))),
+        "similarity": float(np.mean(evaluator.subject_similarity(subject_images, subject))),
         "background": evaluator.prompt_fidelity(subject_images, row_prompts)["background"],
         "background_seen": backgrounds["seen"],
         "background_unseen": backgrounds["unseen"],
-        "class_preservation": evaluator.class_preservation(class_images, DEFAULT_SUBJECT),
+        "class_preservation": evaluator.class_preservation(class_images, subject),
     }
 
 
