@@ -112,8 +112,8 @@ def run_flags(args: argparse.Namespace, output_dir: Path, subject: Subject) -> l
 
 
 def train(flags: Sequence[str], output_dir: Path, steps: int, name: str) -> float | None:
-    """Train (resuming from the last checkpoint if a previous attempt was interrupted); the wall time of this
-    attempt, or None when the run had already finished."""
+    """Train (resuming from the last checkpoint if a previous attempt was interrupted or the run is extended to
+    more steps); the wall time of this attempt, or None when the run had already finished."""
     last = output_dir / f"checkpoint-{steps}"
     if last.is_dir():
         logger.info("%s: trained already (%s)", name, last)
@@ -253,8 +253,8 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
         machine=run.get("machine") or machine(),
     )
     seconds = train(flags, output_dir, max(args.save_steps), name)
-    if seconds is not None:
-        run["train_seconds"] = round(seconds, 1)
+    if seconds is not None:  # a run extended to more steps (or resumed) adds this attempt's time to the earlier
+        run["train_seconds"] = round(run.get("train_seconds", 0.0) + seconds, 1)
         run["machine"] = machine()
     elif "train_seconds" not in run:  # trained by an earlier (or outside) invocation: the time its files span
         run["train_seconds"] = round(files_span(output_dir, max(args.save_steps)), 1)

@@ -1,4 +1,4 @@
-"""benchmarks.learning_curve end to end in its smallest form: a few steps, two save points, scored, resumed."""
+"""benchmarks.learning_curve end to end in its smallest form: a few steps, two save points, scored, then extended."""
 
 import json
 
@@ -38,12 +38,17 @@ def test_two_save_points_are_scored_tabulated_and_not_redone(tmp_path):
     assert "| 0 (base model) |" in text and "\n| 2 | " in text and "\n| 4 | " in text
     assert "Training wall time" in text and "machine:" in text
 
-    # a hand-written reading survives the rewrite; a rerun trains and scores nothing again
+    # a rerun with one more save point resumes from checkpoint-4, scores only step 6 and keeps a hand-written reading
     results.write_text(text + "\n## Reading the curves\n\nhand-written\n")
     weights_time = (tmp_path / "runs" / name / "checkpoint-4").stat().st_mtime_ns
-    assert main(args) == records
+    first_seconds = run["train_seconds"]
+    extended = main([*args, "--save_steps", "2", "4", "6"])["runs"][name]
+    assert list(extended["points"]) == ["2", "4", "6"]
+    assert {step: extended["points"][step] for step in ("2", "4")} == run["points"]
     assert (tmp_path / "runs" / name / "checkpoint-4").stat().st_mtime_ns == weights_time
+    assert extended["train_seconds"] > first_seconds and extended["max_steps"] == 6
     assert results.read_text().endswith("## Reading the curves\n\nhand-written\n")
+    assert "\n| 6 | " in results.read_text()
 
     with pytest.raises(SystemExit, match="scored with"):  # other scoring settings would mix two plans in one curve
         main([*args, "--eval_seeds", "2"])
