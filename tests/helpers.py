@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
+from lily_diffusion import LilyConfig
+from lily_diffusion.config import TEXT_ENCODER_TARGET_MODULES
+
+# Small random-initialised Lily configs for the tiny pipeline's UNet and text encoders.
+UNET_CONFIG = LilyConfig(r=4, stride_A=2, num_B=3, init_weights=False)
+TEXT_CONFIG = LilyConfig(
+    r=2, stride_A=2, num_B=2, init_weights=False, target_modules=list(TEXT_ENCODER_TARGET_MODULES)
+)
+
 
 def unet_inputs(batch: int = 2, seed: int = 0) -> dict[str, object]:
     """Random but fixed inputs for the tiny UNet; every sample differs."""

@@ -5,7 +5,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lily_diffusion import (
-    LilyConfig,
     LilyFileError,
     add_lily,
     load_lily_weights,
@@ -13,12 +12,7 @@ from lily_diffusion import (
     set_lily_scale,
     unload_lily_weights,
 )
-from lily_diffusion.config import TEXT_ENCODER_TARGET_MODULES
-
-UNET_CONFIG = LilyConfig(r=4, stride_A=2, num_B=3, init_weights=False)
-TEXT_CONFIG = LilyConfig(
-    r=2, stride_A=2, num_B=2, init_weights=False, target_modules=list(TEXT_ENCODER_TARGET_MODULES)
-)
+from tests.helpers import TEXT_CONFIG, UNET_CONFIG
 
 
 def generate(pipe: StableDiffusionXLPipeline, prompt: str = "a photo of sks star") -> torch.Tensor:

@@ -13,7 +13,6 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from lily_diffusion import (
-    LilyConfig,
     add_lily,
     load_lily_weights,
     remove_lily,
@@ -21,15 +20,10 @@ from lily_diffusion import (
     set_lily_scale,
     unload_lily_weights,
 )
-from lily_diffusion.config import TEXT_ENCODER_TARGET_MODULES
 from lily_diffusion.features import LilyFusedLinear
-from tests.helpers import unet_inputs
+from tests.helpers import TEXT_CONFIG, UNET_CONFIG, unet_inputs
 from tests.layer_probe import base_output, lily_delta, lora_delta, recorded_layers
 
-UNET_CONFIG = LilyConfig(r=4, stride_A=2, num_B=3, init_weights=False)
-TEXT_CONFIG = LilyConfig(
-    r=2, stride_A=2, num_B=2, init_weights=False, target_modules=list(TEXT_ENCODER_TARGET_MODULES)
-)
 LORA_CONFIG = LoraConfig(
     r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
 )
