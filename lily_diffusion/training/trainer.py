@@ -409,4 +409,9 @@ def run_training(options: TrainingOptions) -> Path:
             trainable_parameters,
         )
     finally:
+        # DDP's reducers hold the process group: drop them while every process still runs, so that the group is
+        # torn down by end_training, not later by a reducer's destructor (gloo's can wait forever once a peer exited)
+        trained.clear()
+        del loss_step, updater
+        accelerator.free_memory()
         accelerator.end_training()
