@@ -120,9 +120,19 @@ class LilyConfig:
 
         `routing` defaults to "batch": that is what peft computes, so outputs match peft's.
         """
-        shared = ("r", "stride_A", "num_B", "scaling", "target_modules", "exclude_modules", "init_weights")
-        values = {name: peft_config[name] for name in shared if peft_config.get(name) is not None}
+        values = {name: peft_config[name] for name in PEFT_FIELDS if peft_config.get(name) is not None}
         return cls(routing=routing, **values)
+
+    def to_peft(self) -> dict[str, Any]:
+        """The fields a peft `LilyConfig` shares with this one, by peft's names (suffix lists copied)."""
+        values = {name: getattr(self, name) for name in PEFT_FIELDS}
+        if not isinstance(self.target_modules, str):
+            values["target_modules"] = list(self.target_modules)
+        return values
+
+
+# The fields this config and peft's LilyConfig share, under the same names.
+PEFT_FIELDS = ("r", "stride_A", "num_B", "scaling", "target_modules", "exclude_modules", "init_weights")
 
 
 def check_multiplier(name: str, value: object) -> float:

@@ -46,16 +46,7 @@ def export_peft_lily(model: nn.Module, save_directory: str | os.PathLike[str], a
         tensors[f"{key}.lily_A.weight"] = adapter.lily_A[slot.a_index].detach().cpu().clone()
         tensors[f"{key}.lily_B.weight"] = pool.detach().reshape(-1, pool.shape[-1]).cpu().clone()
         tensors[f"{key}.lily_router.weight"] = adapter.lily_router[slot.router_index].detach().cpu().clone()
-    peft_config = PeftLilyConfig(
-        r=config.r,
-        stride_A=config.stride_A,
-        num_B=config.num_B,
-        scaling=config.scaling,
-        target_modules=list(config.target_modules),
-        exclude_modules=config.exclude_modules,
-        init_weights=config.init_weights,
-        inference_mode=True,
-    )
+    peft_config = PeftLilyConfig(**config.to_peft(), inference_mode=True)
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(directory))

@@ -43,3 +43,18 @@ def take(inputs: dict[str, object], index: int) -> dict[str, object]:
         "encoder_hidden_states": inputs["encoder_hidden_states"][index : index + 1],
         "added_cond_kwargs": {key: value[index : index + 1] for key, value in added.items()},
     }
+
+
+def generate_tiny(pipe: object, prompt: str = "a photo of sks star", **kwargs: object) -> torch.Tensor:
+    """Two inference steps of the tiny pipeline at 16 px with classifier-free guidance (uncond and cond batched
+    together), seed 0, as a tensor."""
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **kwargs,
+    ).images

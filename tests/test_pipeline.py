@@ -13,20 +13,7 @@ from lily_diffusion import (
     unload_lily_weights,
 )
 from tests.helpers import TEXT_CONFIG, UNET_CONFIG
-
-
-def generate(pipe: StableDiffusionXLPipeline, prompt: str = "a photo of sks star") -> torch.Tensor:
-    """Two inference steps with classifier-free guidance on (uncond and cond batched together)."""
-    images = pipe(
-        prompt,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        height=16,
-        width=16,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images
-    return images
+from tests.helpers import generate_tiny as generate
 
 
 def encode(pipe: StableDiffusionXLPipeline) -> tuple[torch.Tensor, ...]:

@@ -22,25 +22,12 @@ from lily_diffusion import (
 )
 from lily_diffusion.features import LilyFusedLinear
 from tests.helpers import TEXT_CONFIG, UNET_CONFIG, unet_inputs
+from tests.helpers import generate_tiny as generate
 from tests.layer_probe import base_output, lily_delta, lora_delta, recorded_layers
 
 LORA_CONFIG = LoraConfig(
     r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
 )
-
-
-def generate(pipe: StableDiffusionXLPipeline, **kwargs: object) -> torch.Tensor:
-    """Two inference steps with classifier-free guidance (uncond and cond batched together)."""
-    return pipe(
-        "a photo of sks star",
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        height=16,
-        width=16,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-        **kwargs,
-    ).images
 
 
 def fresh(tiny_sdxl_dir) -> StableDiffusionXLPipeline:
