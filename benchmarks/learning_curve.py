@@ -57,6 +57,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank; LoRA only).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")
     parser.add_argument(
+        "--train_flags",
+        default="",
+        help="More training-script flags, one string (e.g. '--lr_scheduler=cosine --train_text_encoder'); they "
+        "replace the benchmark's own value of the same flag and are part of the run's name.",
+    )
+    parser.add_argument(
         "--save_steps",
         type=int,
         nargs="+",
@@ -84,14 +90,19 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
         parser.error(f"--learning_rate must be a positive number, not {args.learning_rate}")
     args.save_steps = sorted(set(args.save_steps))
+    args.train_flags = shlex.split(args.train_flags)
+    if any(not flag.startswith("--") for flag in args.train_flags):
+        parser.error("--train_flags takes flags written --name or --name=value (one string)")
     return args
 
 
 def run_name(args: argparse.Namespace) -> str:
-    """'star-lily-lr0.003-seed0', 'star-lora-r4-lr0.003-seed0', with '-alpha16' for a non-default LoRA alpha."""
+    """'star-lily-lr0.003-seed0', 'star-lora-r4-lr0.003-seed0', with '-alpha16' for a non-default LoRA alpha and
+    the extra training flags (e.g. '-lr_scheduler=cosine') last."""
     rank = f"-r{args.rank}" if args.method == "lora" else (f"-budget{args.rank}" if args.rank != 4 else "")
     alpha = f"-alpha{args.lora_alpha:g}" if args.lora_alpha not in (None, args.rank) else ""
-    return f"{args.subject}-{args.method}{rank}{alpha}-lr{args.learning_rate:g}-seed{args.seed}"
+    extra = "".join(f"-{flag.lstrip('-')}" for flag in args.train_flags)
+    return f"{args.subject}-{args.method}{rank}{alpha}-lr{args.learning_rate:g}-seed{args.seed}{extra}"
 
 
 def with_flag(flags: Sequence[str], name: str, value: object | None = None) -> list[str]:
@@ -108,6 +119,9 @@ def run_flags(args: argparse.Namespace, output_dir: Path, subject: Subject) -> l
     flags = with_flag(flags, "cache_latents")
     if args.lora_alpha is not None:
         flags = with_flag(flags, "lora_alpha", f"{args.lora_alpha:g}")
+    for flag in args.train_flags:
+        name, _, value = flag[2:].partition("=")
+        flags = with_flag(flags, name, value if "=" in flag else None)
     return flags
 
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.learning_curve import first_reached, main, parse_args, run_name, with_flag
+from benchmarks.learning_curve import first_reached, main, parse_args, run_flags, run_name, with_flag
+from toyworld.subjects import SUBJECTS
 
 FLAGS = ["--subject", "square", "--method", "lily", "--save_steps", "2", "4", "--eval_seeds", "1"]
 
@@ -62,11 +63,20 @@ def test_run_names_and_flags():
     assert with_flag(["--b"], "b") == ["--b"]
 
 
+def test_train_flags_replace_the_benchmarks_own_and_name_the_run(tmp_path):
+    args = parse_args(["--train_flags", "--lr_scheduler=cosine --train_text_encoder"])
+    assert run_name(args) == "star-lily-lr0.003-seed0-lr_scheduler=cosine-train_text_encoder"
+    flags = run_flags(args, tmp_path / "run", SUBJECTS["star"])
+    assert [f for f in flags if f.startswith("--lr_scheduler")] == ["--lr_scheduler=cosine"]
+    assert "--train_text_encoder" in flags
+
+
 def test_refusals(capsys):
     cases = {
         "--lora_alpha is a LoRA setting": ["--method", "lily", "--lora_alpha", "8"],
         "must be positive": ["--save_steps", "0"],
         "must be a positive number": ["--learning_rate", "nan"],
+        "--train_flags takes flags": ["--train_flags", "cosine"],
     }
     for message, bad in cases.items():
         with pytest.raises(SystemExit):
