@@ -22,7 +22,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from toyworld.report import (
     PROMPT_TARGET,
     SUBJECT_TARGET,
     PlotData,
+    Record,
     adapter_settings_table,
     best_setting,
     estimate,
@@ -285,13 +286,21 @@ def write_grids(
     return paths
 
 
-def recipe_lines(methods: Sequence[str], steps: int | None) -> str:
-    """One markdown line per method: steps, learning rate and flags it was trained with."""
+def _joined(values: Iterable[object]) -> str:
+    """The distinct values in order, comma-separated."""
+    return ", ".join(str(v) for v in dict.fromkeys(values))
+
+
+def plan_lines(records: Sequence[Record]) -> str:
+    """One markdown line per method: the budgets, steps, learning rates and training flags its runs had."""
     lines = []
-    for method in methods:
-        recipe = RECIPE[method]
-        flags = " ".join(f"`{flag}`" for flag in recipe.flags) or "none"
-        lines.append(f"- {method_name(method)}: {steps or recipe.steps} steps, lr {recipe.learning_rate:g}, {flags}")
+    for method in dict.fromkeys(str(r["method"]) for r in records):
+        own = [r for r in records if r["method"] == method]
+        budgets = _joined(f"r{b}" for b in sorted({int(r["budget_rank"]) for r in own}))
+        rates = _joined(f"{float(r['learning_rate']):g}" for r in own)
+        flags = _joined(" ".join(f"`{flag}`" for flag in r["extra_flags"]) or "no further flags" for r in own)
+        steps = _joined(r["steps"] for r in own)
+        lines.append(f"- {method_name(method)}: budgets {budgets}; {steps} steps, lr {rates}; {flags}")
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +326,6 @@ def render_report(
     extras: Sequence[str],
 ) -> str:
     """The results file's text above its footer (plots, grids, failures, wall time and command)."""
-    methods = list(dict.fromkeys(str(r["method"]) for r in records))
     subjects = list(dict.fromkeys(str(r["subject"]) for r in records))
     scoring = (
         f"Scores over {len(plan.seeds)} generation seeds x 3 subject prompts (two seen backgrounds, one unseen) and "
@@ -327,7 +335,7 @@ def render_report(
         return (
             f"# Learning-rate sweep: each method at the {budget_label(REFERENCE_BUDGET)} budget on "
             f"{', '.join(subjects)}\n\n"
-            f"One training seed per (method, lr); {scoring}\n\nTrained with:\n{recipe_lines(methods, args.steps)}\n"
+            f"One training seed per (method, lr); {scoring}\n\nRuns:\n{plan_lines(records)}\n"
             f"{summary_table(records, base_scores.get(subjects[0]) if subjects else None)}\n{LEGEND}\n"
             "## Best learning rate per method\n\nEach method's best lr on this one subject is then fixed in "
             "`RECIPE` (benchmarks/subject_driven.py) for every subject of the full sweep.\n\n"
@@ -336,10 +344,10 @@ def render_report(
     settings = adapter_settings_table(records)
     return (
         "# Subject-driven generation: Lily vs LoRA and peft's adapters on the toy world\n\n"
-        f"Every method at each of its budgets x {len(subjects)} subjects ({', '.join(subjects)}) x "
-        f"{len({r['seed'] for r in records})} training seeds. {scoring}\n\n"
-        f"Trained with (each method's learning rate picked by `--lr_sweep` on one subject, then fixed for every "
-        f"subject; here: {RECIPE_SOURCE}):\n{recipe_lines(methods, args.steps)}\n"
+        f"{len(records)} runs: each method at each of its budgets (LoRA ranks) x {len(subjects)} subjects "
+        f"({', '.join(subjects)}) x training seeds {_joined(sorted({r['seed'] for r in records}))}. {scoring}\n\n"
+        f"Each method's learning rate is picked by `--lr_sweep` on one subject, then fixed for every subject "
+        f"(`RECIPE`; here: {RECIPE_SOURCE}). Runs:\n{plan_lines(records)}\n"
         f"## Headline\n\nA method learns the subject at a budget when its runs there have mean subject fidelity >= "
         f"{SUBJECT_TARGET} and mean prompt fidelity (all three backgrounds) >= {PROMPT_TARGET}.\n\n"
         f"{headline_table(records)}\n"

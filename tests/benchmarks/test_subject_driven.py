@@ -169,3 +169,36 @@ def test_a_method_the_training_script_cannot_train_is_refused(capsys):
     with pytest.raises(SystemExit):
         subject_driven.parse_args(["--methods", missing[0]])
     assert f"has no --adapter {missing[0]}" in capsys.readouterr().err
+
+
+def sweep_record(method, lr, subject_score):
+    return {
+        "method": method,
+        "learning_rate": lr,
+        "prior": False,
+        "seed": 0,
+        "steps": 2400,
+        "subject": "square",
+        "budget_rank": 4,
+        "extra_flags": ["--lr_scheduler=cosine"],
+        "params": 32000,
+        "scores": {
+            "subject": subject_score,
+            "similarity": 0.5,
+            "background": 1.0,
+            "background_seen": 1.0,
+            "background_unseen": 1.0,
+            "class_preservation": 0.5,
+        },
+    }
+
+
+def test_lr_sweep_report_names_each_methods_best_learning_rate():
+    records = [sweep_record("lily", 1e-3, 0.2), sweep_record("lily", 3e-3, 0.9), sweep_record("lora", 1e-3, 0.7)]
+    args = subject_driven.parse_args(["--lr_sweep"])
+    report = subject_driven.render_report(args, records, {}, subject_driven.EvalPlan(), [])
+    assert report.startswith("# Learning-rate sweep: each method at the LoRA r4 (1x) budget on square")
+    assert "- Lily: budgets r4; 2400 steps, lr 0.001, 0.003; `--lr_scheduler=cosine`" in report
+    best = section(report, "Best learning rate per method")
+    assert "then fixed in `RECIPE`" in best
+    assert "- Lily: lr 0.003 (subject fidelity 0.900 (n=1)" in best and "- LoRA: lr 0.001 (" in best
