@@ -15,6 +15,7 @@ one torch thread each; every run's scores are cached in `--work_dir/scores`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -55,11 +56,13 @@ from toyworld.subjects import DEFAULT_SUBJECT, SUBJECTS, get_subject
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one method is trained in the sweep: steps, learning rate, and any further training flags."""
+    """How one method is trained in the sweep: steps, learning rate, prior preservation and any further training
+    flags (they replace the comparison engine's defaults of the same name, e.g. `--lr_scheduler`)."""
 
     steps: int
     learning_rate: float
     flags: tuple[str, ...] = ("--lr_scheduler=constant", "--cache_latents")
+    prior: bool = False
 
 
 # Per method: filled in from the learning curves (benchmarks/results/learning_curves.md) and `--lr_sweep`.
@@ -103,7 +106,7 @@ def recipe_spec(method: str, budget: int, subject: str, seed: int, steps: int | 
     """The run of `method` at `budget` on `subject` with its `RECIPE` (its steps unless `steps` is given)."""
     recipe = RECIPE[method]
     return RunSpec(
-        method, recipe.learning_rate, False, seed, steps or recipe.steps, subject, budget, tuple(recipe.flags)
+        method, recipe.learning_rate, recipe.prior, seed, steps or recipe.steps, subject, budget, tuple(recipe.flags)
     )
 
 
@@ -130,7 +133,7 @@ def lr_sweep_plan(
 ) -> list[RunSpec]:
     """Each method at the rank-4 budget on one subject, one seed, at each learning rate (the rest of its recipe)."""
     return [
-        RunSpec(method, lr, False, 0, steps or RECIPE[method].steps, subject, REFERENCE_BUDGET, RECIPE[method].flags)
+        dataclasses.replace(recipe_spec(method, REFERENCE_BUDGET, subject, 0, steps), learning_rate=lr)
         for method in methods
         for lr in learning_rates
     ]
@@ -273,9 +276,10 @@ def write_grids(
         budget, reached, chosen = grid_runs(records, name, others)
         runs = [by_name[str(record["name"])] for record in chosen]
         why = "the smallest where a method learns the subject" if reached else "no method learns the subject"
+        steps = _joined(f"{r['steps']} steps" for r in chosen)
         title = (
             f'"{subject.instance_prompt}": target, base model, best run per method at the {budget_label(budget)} '
-            f"budget ({why})"
+            f"budget ({why}; {steps})"
         )
         prompts = [subject.caption(subject.seen_backgrounds[0]), subject.caption(subject.unseen_background)]
         grid = runs_grid(runs, subject, plan, [*prompts, subject.class_prompt], title)
@@ -300,7 +304,8 @@ def plan_lines(records: Sequence[Record]) -> str:
         rates = _joined(f"{float(r['learning_rate']):g}" for r in own)
         flags = _joined(" ".join(f"`{flag}`" for flag in r["extra_flags"]) or "no further flags" for r in own)
         steps = _joined(r["steps"] for r in own)
-        lines.append(f"- {method_name(method)}: budgets {budgets}; {steps} steps, lr {rates}; {flags}")
+        prior = _joined("prior preservation" if r["prior"] else "no prior" for r in own)
+        lines.append(f"- {method_name(method)}: budgets {budgets}; {steps} steps, lr {rates}, {prior}; {flags}")
     return "\n".join(lines) + "\n"
 
 

@@ -198,7 +198,7 @@ def test_lr_sweep_report_names_each_methods_best_learning_rate():
     args = subject_driven.parse_args(["--lr_sweep"])
     report = subject_driven.render_report(args, records, {}, subject_driven.EvalPlan(), [])
     assert report.startswith("# Learning-rate sweep: each method at the LoRA r4 (1x) budget on square")
-    assert "- Lily: budgets r4; 2400 steps, lr 0.001, 0.003; `--lr_scheduler=cosine`" in report
+    assert "- Lily: budgets r4; 2400 steps, lr 0.001, 0.003, no prior; `--lr_scheduler=cosine`" in report
     best = section(report, "Best learning rate per method")
     assert "then fixed in `RECIPE`" in best
     assert "- Lily: lr 0.003 (subject fidelity 0.900 (n=1)" in best and "- LoRA: lr 0.001 (" in best
