@@ -386,7 +386,10 @@ def main(input_args: Sequence[str] | None = None) -> str:
         records = results_records(results)
         grids = write_grids(results, records, plan, grids_dir) if grids_dir is not None and records else []
     minutes = (time.perf_counter() - started) / 60
-    plots = write_plots(records, results_path, learning_curve) if results_path is not None else []
+    # an lr sweep has one budget: no quality-vs-parameters plot
+    plots = (
+        write_plots(records, results_path, learning_curve) if results_path is not None and not args.lr_sweep else []
+    )
     extras = [f"![{p.title}]({p.path.name})\n\n" for p in plots]
     if grids:
         extras.append("## Grids\n\n")
