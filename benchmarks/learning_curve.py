@@ -113,8 +113,10 @@ def with_flag(flags: Sequence[str], name: str, value: object | None = None) -> l
 
 def run_flags(args: argparse.Namespace, output_dir: Path, subject: Subject) -> list[str]:
     """The benchmark's training flags for this run, saving a checkpoint at every scored step."""
-    spec = RunSpec(args.method, args.learning_rate, False, args.seed, max(args.save_steps))
-    flags = training_flags(spec, output_dir, output_dir.parent / "class-images", args.rank, subject)
+    spec = RunSpec(
+        args.method, args.learning_rate, False, args.seed, max(args.save_steps), subject=subject.name, budget=args.rank
+    )
+    flags = training_flags(spec, output_dir, output_dir.parent / "class-images")
     flags = with_flag(flags, "checkpointing_steps", math.gcd(*args.save_steps))
     flags = with_flag(flags, "cache_latents")
     if args.lora_alpha is not None:

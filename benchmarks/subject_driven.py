@@ -1,38 +1,48 @@
 #!/usr/bin/env python
-"""Lily vs LoRA DreamBooth on the bundled toy subject: learning-rate grid x prior preservation x seeds.
+"""Subject-driven DreamBooth sweep on the toy world: every method x budget x bundled subject x training seed.
 
-python -m benchmarks.subject_driven            # the full run (writes benchmarks/results/subject_driven.md)
-python -m benchmarks.subject_driven --quick    # one run per method, a smoke test of the whole pipeline
+python -m benchmarks.subject_driven              # the full sweep (writes benchmarks/results/subject_driven.md)
+python -m benchmarks.subject_driven --quick      # 1 subject, Lily and LoRA at the rank-4 budget, a few steps
+python -m benchmarks.subject_driven --lr_sweep   # each method's learning rate on one subject (fills RECIPE)
 python -m benchmarks.subject_driven --work_dir runs/sd --resume   # continue an interrupted run
 
-Trainings run in parallel processes (`--jobs`, default one per core), one torch thread each.
+Methods and budgets come from `toyworld.methods` (LoRA ranks 1, 2, 4, 8; Lily at 1/4, 1/2 and 1x the parameters of
+LoRA rank 4; DoRA, LoKr and LoHa at the rank-4 budget when the training script can train them); steps, learning
+rate and schedule per method from `RECIPE`. Trainings run in parallel processes (`--jobs`, default one per core),
+one torch thread each; every run's scores are cached in `--work_dir/scores`.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
 import logging
-import platform
+import os
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from toyworld.compare import (
-    CLASS_PROMPT,
-    INSTANCE_PROMPT,
-    EvalPlan,
-    RunSpec,
-    best_grid,
-    results_records,
-)
+from benchmarks.learning_curve import machine
+from toyworld.compare import EvalPlan, RunResult, RunSpec, results_records, runs_grid
 from toyworld.compare_jobs import run_all_parallel
+from toyworld.methods import METHODS, REFERENCE_BUDGET, available_methods, budget_label, method_name
+from toyworld.paths import RESULTS as RESULTS_DIR
+from toyworld.paths import SAMPLES
 from toyworld.report import (
+    PROMPT_TARGET,
+    SUBJECT_TARGET,
     PlotData,
+    Record,
+    adapter_settings_table,
+    best_setting,
+    estimate,
+    grid_runs,
+    headline_table,
     load_learning_curve,
     paired_lines,
     per_subject_tables,
@@ -41,64 +51,122 @@ from toyworld.report import (
     summary_table,
 )
 from toyworld.runner import default_jobs, use_one_thread
-from toyworld.subjects import DEFAULT_SUBJECT
+from toyworld.subjects import DEFAULT_SUBJECT, SUBJECTS, get_subject
 
-RESULTS = Path(__file__).resolve().parent / "results" / "subject_driven.md"
-GRID = Path(__file__).resolve().parents[1] / "samples" / "subject_driven_grid.png"
-LEARNING_RATES = {"lily": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2)}
-LORA_RANK = 4
-FULL_STEPS = 600  # 36 runs of ~25 s training each on 2 idle cores: ~20 min with scoring
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one method is trained in the sweep: steps, learning rate, prior preservation and any further training
+    flags (they replace the comparison engine's defaults of the same name, e.g. `--lr_scheduler`)."""
+
+    steps: int
+    learning_rate: float
+    flags: tuple[str, ...] = ("--lr_scheduler=constant", "--cache_latents")
+    prior: bool = False
+
+
+# Per method: filled in from the learning curves (benchmarks/results/learning_curves.md) and `--lr_sweep`.
+# PLACEHOLDERS until then: 2400 steps, lr 1e-3, constant schedule for every method.
+RECIPE: dict[str, Recipe] = {
+    "lily": Recipe(2400, 1e-3),
+    "lora": Recipe(2400, 1e-3),
+    "dora": Recipe(2400, 1e-3),
+    "lokr": Recipe(2400, 1e-3),
+    "loha": Recipe(2400, 1e-3),
+}
+# Where RECIPE's learning rates come from (printed in the results file).
+RECIPE_SOURCE = "placeholders (lr 1e-3 for every method), not yet picked by --lr_sweep"
+SEEDS = (0, 1, 2)
+EVAL_SEEDS, QUICK_EVAL_SEEDS = (0, 1, 2, 3), (0, 1)
 QUICK_STEPS = 40
+LR_SWEEP_SUBJECT = "square"
+LR_SWEEP_RATES = (1e-3, 2e-3, 3e-3)
 
+RESULTS = RESULTS_DIR / "subject_driven.md"
+LR_SWEEP_RESULTS = RESULTS_DIR / "subject_driven_lr_sweep.md"
+LEARNING_CURVES = RESULTS_DIR / "learning_curves.json"
 
 LEGEND = (
     "Columns (the evaluator never sees how an image was made; benchmarks/results/evaluator.md):\n"
     "- subject fidelity: mean P(this subject) of the which-subject CNN over the instance-prompt images "
     "(DreamBooth's DINO analogue);\n"
-    "- subject similarity: cosine similarity of the object's appearance features to the 5 instance images "
+    "- subject similarity: cosine similarity of the object's appearance features to the instance images "
     "(CLIP-I analogue);\n"
     "- prompt fidelity: fraction of instance-prompt images showing the background named (CLIP-T analogue), for the "
     "two backgrounds the instance images show (seen) and the one they never show (unseen: recontextualisation);\n"
-    "- class preservation: fraction of class-prompt images that are plain stars, not the subject (language drift).\n"
-    "Values are means over the training runs with their 95% bootstrap interval [low, high] and the number of runs n "
-    "((n=1): one run, no interval).\n"
+    "- class preservation: fraction of class-prompt images that are the plain class, not the subject "
+    "(language drift).\n"
+    "Budgets are LoRA ranks: the parameter count of a LoRA of that rank (LoRA r4 = 1x); Lily, DoRA, LoKr and LoHa "
+    "are the largest adapter not above it (`--match_lora_budget`). Values are means over (subject, seed) runs with "
+    "their 95% bootstrap interval [low, high] and the number of runs n ((n=1): one run, no interval).\n"
 )
 
 
-def run_records(records: Sequence[dict[str, object]]) -> list[dict[str, object]]:
-    """The runs' records with the subject and the budget (the LoRA rank matched) the report groups by."""
-    return [{"subject": DEFAULT_SUBJECT.name, "budget_rank": LORA_RANK, **record} for record in records]
+def recipe_spec(method: str, budget: int, subject: str, seed: int, steps: int | None = None) -> RunSpec:
+    """The run of `method` at `budget` on `subject` with its `RECIPE` (its steps unless `steps` is given)."""
+    recipe = RECIPE[method]
+    return RunSpec(
+        method, recipe.learning_rate, recipe.prior, seed, steps or recipe.steps, subject, budget, tuple(recipe.flags)
+    )
 
 
-def write_plots(
-    records: Sequence[dict[str, object]], results: Path | None, learning_curve: Path | None
-) -> list[PlotData]:
-    """Quality vs parameters (and vs steps, given a learning curve) as PNGs beside the results file."""
-    if results is None or not records:
-        return []
-    plots = [plot_quality_vs_params(records, results.with_name(f"{results.stem}_params.png"))]
-    if learning_curve is not None:
-        points = load_learning_curve(learning_curve)
-        plots.append(plot_quality_vs_steps(points, results.with_name(f"{results.stem}_steps.png")))
-    return plots
-
-
-def plan_runs(quick: bool, steps: int) -> list[RunSpec]:
-    if quick:
-        return [RunSpec("lily", 3e-3, False, 0, steps), RunSpec("lora", 3e-3, False, 0, steps)]
+def full_plan(
+    methods: Sequence[str], subjects: Sequence[str] = tuple(SUBJECTS), seeds: Sequence[int] = SEEDS
+) -> list[RunSpec]:
+    """Every method at each of its budgets, on every subject, with every training seed."""
     return [
-        RunSpec(method, lr, prior, seed, steps)
-        for method, prior in itertools.product(LEARNING_RATES, (False, True))
-        for lr in LEARNING_RATES[method]
-        for seed in (0, 1, 2)
+        recipe_spec(method, budget, subject, seed)
+        for method in methods
+        for budget in METHODS[method].budgets
+        for subject in subjects
+        for seed in seeds
+    ]
+
+
+def quick_plan(subject: str, steps: int) -> list[RunSpec]:
+    """Lily and LoRA at the rank-4 budget on one subject, one seed, `steps` steps."""
+    return [recipe_spec(method, REFERENCE_BUDGET, subject, 0, steps) for method in ("lily", "lora")]
+
+
+def lr_sweep_plan(
+    methods: Sequence[str], subject: str, learning_rates: Sequence[float], steps: int | None = None
+) -> list[RunSpec]:
+    """Each method at the rank-4 budget on one subject, one seed, at each learning rate (the rest of its recipe)."""
+    return [
+        dataclasses.replace(recipe_spec(method, REFERENCE_BUDGET, subject, 0, steps), learning_rate=lr)
+        for method in methods
+        for lr in learning_rates
     ]
 
 
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="One short run per method (a few minutes).")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 subject, Lily and LoRA at the rank-4 budget, 1 seed.")
+    mode.add_argument(
+        "--lr_sweep", action="store_true", help="Each method at the rank-4 budget on one subject at each lr, 1 seed."
+    )
     parser.add_argument(
-        "--steps", type=int, default=None, help=f"Training steps per run (default {FULL_STEPS}; quick: {QUICK_STEPS})."
+        "--subject",
+        choices=sorted(SUBJECTS),
+        default=None,
+        help=f"The subject of --quick (default {DEFAULT_SUBJECT.name}) or --lr_sweep (default {LR_SWEEP_SUBJECT}).",
+    )
+    parser.add_argument(
+        "--learning_rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"The learning rates of --lr_sweep (default {' '.join(f'{lr:g}' for lr in LR_SWEEP_RATES)}).",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="Methods to train (default: every method of toyworld.methods the training script can train).",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"Training steps per run (default: RECIPE's; quick: {QUICK_STEPS})."
     )
     parser.add_argument(
         "--work_dir",
@@ -118,7 +186,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "--results",
         type=Path,
         default=None,
-        help=f"Markdown output (default {RESULTS}; quick: none); per-run scores go beside it as .json.",
+        help=f"Markdown output (default {RESULTS}; --lr_sweep: {LR_SWEEP_RESULTS.name}; quick: none); per-run "
+        "scores go beside it as .json.",
     )
     parser.add_argument(
         "--inference_steps", type=int, default=EvalPlan.steps, help="Denoising steps per scored image."
@@ -127,16 +196,36 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "--learning_curve",
         type=Path,
         default=None,
-        help="A learning-curve JSON (points with method, steps, scores) to plot quality vs steps from.",
+        help=f"A learning-curve JSON to plot quality vs steps from (default for the full run: {LEARNING_CURVES}).",
     )
-    parser.add_argument("--grid", type=Path, default=None, help=f"Grid PNG (default {GRID}; quick: none).")
+    parser.add_argument(
+        "--grids",
+        type=Path,
+        default=None,
+        help=f"Folder for one grid per subject (default for the full run: {SAMPLES}; otherwise none).",
+    )
     args = parser.parse_args(input_args)
-    if args.inference_steps < 1:
-        parser.error(f"--inference_steps must be at least 1, got {args.inference_steps}")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.jobs is not None and args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    for name in ("inference_steps", "steps", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    if args.subject is not None and not (args.quick or args.lr_sweep):
+        parser.error("--subject is for --quick and --lr_sweep (the full run trains every subject)")
+    if args.learning_rates is not None and not args.lr_sweep:
+        parser.error("--learning_rates is for --lr_sweep (the other runs take each method's RECIPE learning rate)")
+    if args.learning_rates is not None and min(args.learning_rates) <= 0:
+        parser.error(f"--learning_rates must be positive, got {args.learning_rates}")
+    if args.methods is not None and args.quick:
+        parser.error("--methods is not for --quick (it trains Lily and LoRA)")
+    trainable = available_methods()
+    for method in args.methods or ():
+        if method not in METHODS:
+            parser.error(f"--methods {method}: unknown; the methods are {', '.join(METHODS)}")
+        if method not in trainable:
+            parser.error(
+                f"--methods {method}: the training script in this checkout has no --adapter {method} "
+                f"(it trains {', '.join(trainable)})"
+            )
     if args.learning_curve is not None and not args.learning_curve.is_file():
         parser.error(f"--learning_curve {args.learning_curve} is not a file")
     if args.resume and args.work_dir is None:
@@ -150,49 +239,168 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def plan_of(args: argparse.Namespace) -> list[RunSpec]:
+    """The runs the arguments ask for."""
+    if args.quick:
+        return quick_plan(args.subject or DEFAULT_SUBJECT.name, args.steps or QUICK_STEPS)
+    methods = args.methods or available_methods()
+    if args.lr_sweep:
+        rates = args.learning_rates or LR_SWEEP_RATES
+        return lr_sweep_plan(methods, args.subject or LR_SWEEP_SUBJECT, rates, args.steps)
+    plan = full_plan(methods)
+    return (
+        plan if args.steps is None else [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in plan]
+    )
+
+
+def write_plots(records: Sequence[dict[str, object]], results: Path, learning_curve: Path | None) -> list[PlotData]:
+    """Quality vs parameters (and vs steps, given a learning curve) as PNGs beside the results file."""
+    if not records:
+        return []
+    plots = [plot_quality_vs_params(records, results.with_name(f"{results.stem}_params.png"))]
+    if learning_curve is not None:
+        points = load_learning_curve(learning_curve)
+        plots.append(plot_quality_vs_steps(points, results.with_name(f"{results.stem}_steps.png")))
+    return plots
+
+
+def write_grids(
+    results: Sequence[RunResult], records: Sequence[dict[str, object]], plan: EvalPlan, folder: Path
+) -> list[Path]:
+    """Per subject, the target, the base model and the best Lily, LoRA and other adapter (`report.grid_runs`)."""
+    by_name = {result.spec.name: result for result in results}
+    others = [m for m in dict.fromkeys(str(r["method"]) for r in records) if m not in ("lily", "lora")]
+    paths = []
+    for name in dict.fromkeys(str(r["subject"]) for r in records):
+        subject = get_subject(name)
+        budget, reached, chosen = grid_runs(records, name, others)
+        runs = [by_name[str(record["name"])] for record in chosen]
+        why = "the smallest where a method learns the subject" if reached else "no method learns the subject"
+        steps = _joined(f"{r['steps']} steps" for r in chosen)
+        title = (
+            f'"{subject.instance_prompt}": target, base model, best run per method at the {budget_label(budget)} '
+            f"budget ({why}; {steps})"
+        )
+        prompts = [subject.caption(subject.seen_backgrounds[0]), subject.caption(subject.unseen_background)]
+        grid = runs_grid(runs, subject, plan, [*prompts, subject.class_prompt], title)
+        path = folder / f"subject_driven_grid_{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        paths.append(path)
+    return paths
+
+
+def _joined(values: Iterable[object]) -> str:
+    """The distinct values in order, comma-separated."""
+    return ", ".join(str(v) for v in dict.fromkeys(values))
+
+
+def plan_lines(records: Sequence[Record]) -> str:
+    """One markdown line per method: the budgets, steps, learning rates and training flags its runs had."""
+    lines = []
+    for method in dict.fromkeys(str(r["method"]) for r in records):
+        own = [r for r in records if r["method"] == method]
+        budgets = _joined(f"r{b}" for b in sorted({int(r["budget_rank"]) for r in own}))
+        rates = _joined(f"{float(r['learning_rate']):g}" for r in own)
+        flags = _joined(" ".join(f"`{flag}`" for flag in r["extra_flags"]) or "no further flags" for r in own)
+        steps = _joined(r["steps"] for r in own)
+        prior = _joined("prior preservation" if r["prior"] else "no prior" for r in own)
+        lines.append(f"- {method_name(method)}: budgets {budgets}; {steps} steps, lr {rates}, {prior}; {flags}")
+    return "\n".join(lines) + "\n"
+
+
+def lr_sweep_lines(records: Sequence[dict[str, object]]) -> str:
+    """Per method, its best learning rate by mean subject fidelity (what RECIPE should then fix)."""
+    lines = []
+    for method in dict.fromkeys(str(r["method"]) for r in records):
+        group = best_setting(records, method, REFERENCE_BUDGET, "subject")
+        if group:
+            lr = float(group[0]["learning_rate"])  # type: ignore[arg-type]
+            lines.append(
+                f"- {method_name(method)}: lr {lr:g} (subject fidelity {estimate(group, 'subject')}, prompt fidelity "
+                f"{estimate(group, 'background')})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_report(
+    args: argparse.Namespace,
+    records: Sequence[dict[str, object]],
+    base_scores: dict[str, dict[str, float]],
+    plan: EvalPlan,
+    extras: Sequence[str],
+) -> str:
+    """The results file's text above its footer (plots, grids, failures, wall time and command)."""
+    subjects = list(dict.fromkeys(str(r["subject"]) for r in records))
+    scoring = (
+        f"Scores over {len(plan.seeds)} generation seeds x 3 subject prompts (two seen backgrounds, one unseen) and "
+        f"{len(plan.class_seeds)} class-prompt images; {plan.steps} inference steps, guidance {plan.guidance_scale}."
+    )
+    if args.lr_sweep:
+        return (
+            f"# Learning-rate sweep: each method at the {budget_label(REFERENCE_BUDGET)} budget on "
+            f"{', '.join(subjects)}\n\n"
+            f"One training seed per (method, lr); {scoring}\n\nRuns:\n{plan_lines(records)}\n"
+            f"{summary_table(records, base_scores.get(subjects[0]) if subjects else None)}\n{LEGEND}\n"
+            "## Best learning rate per method\n\nEach method's best lr on this one subject is then fixed in "
+            "`RECIPE` (benchmarks/subject_driven.py) for every subject of the full sweep.\n\n"
+            f"{lr_sweep_lines(records)}\n"
+        )
+    settings = adapter_settings_table(records)
+    return (
+        "# Subject-driven generation: Lily vs LoRA and peft's adapters on the toy world\n\n"
+        f"{len(records)} runs: each method at each of its budgets (LoRA ranks) x {len(subjects)} subjects "
+        f"({', '.join(subjects)}) x training seeds {_joined(sorted({r['seed'] for r in records}))}. {scoring}\n\n"
+        f"Each method's learning rate is picked by `--lr_sweep` on one subject, then fixed for every subject "
+        f"(`RECIPE`; here: {RECIPE_SOURCE}). Runs:\n{plan_lines(records)}\n"
+        f"## Headline\n\nA method learns the subject at a budget when its runs there have mean subject fidelity >= "
+        f"{SUBJECT_TARGET} and mean prompt fidelity (all three backgrounds) >= {PROMPT_TARGET}.\n\n"
+        f"{headline_table(records)}\n"
+        "## Lily vs LoRA, paired over (subject, seed)\n\nSame subject, training seed and prompts; each method at its "
+        "best setting at the budget.\n\n"
+        + "\n".join([*paired_lines(records), *paired_lines(records, "background_unseen")] or ["(no budget with both)"])
+        + f"\n\n## All runs\n\n{summary_table(records)}\n{LEGEND}\n"
+        + (f"## Adapter sizes\n\n{settings}\n" if settings else "")
+        + f"## Per subject\n\n{per_subject_tables(records, base_scores)}\n"
+        + "".join(extras)
+    )
+
+
 def main(input_args: Sequence[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if input_args is None else input_args)
     args = parse_args(argv)
     use_one_thread()
-    steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
-    plan = EvalPlan(seeds=(0, 1) if args.quick else (0, 1, 2, 3), steps=args.inference_steps)
+    full = not (args.quick or args.lr_sweep)
+    specs = plan_of(args)
+    plan = EvalPlan(seeds=QUICK_EVAL_SEEDS if args.quick else EVAL_SEEDS, steps=args.inference_steps)
+    results_path = args.results or (RESULTS if full else LR_SWEEP_RESULTS if args.lr_sweep else None)
+    grids_dir = args.grids or (SAMPLES if full else None)
+    learning_curve = args.learning_curve or (LEARNING_CURVES if full and LEARNING_CURVES.is_file() else None)
+    n_jobs = args.jobs or default_jobs()
+    logging.getLogger(__name__).info("%d runs, %d at a time", len(specs), n_jobs)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or Path(scratch)
-        n_jobs = args.jobs or default_jobs()
-        results, base_scores, failed = run_all_parallel(
-            plan_runs(args.quick, steps), work_dir, LORA_RANK, plan, n_jobs, work_dir / "scores"
-        )
-        grid_path = args.grid or (None if args.quick else GRID)
-        if grid_path is not None:
-            prompts = [
-                f"{INSTANCE_PROMPT} on a white background",
-                f"{INSTANCE_PROMPT} on a black background",
-                CLASS_PROMPT,
-            ]
-            best_grid(results, plan, prompts).save(grid_path)
+        results, base_scores, failed = run_all_parallel(specs, work_dir, plan, n_jobs, work_dir / "scores")
+        records = results_records(results)
+        grids = write_grids(results, records, plan, grids_dir) if grids_dir is not None and records else []
     minutes = (time.perf_counter() - started) / 60
-    records = run_records(results_records(results))
-    results_path = args.results or (None if args.quick else RESULTS)
-    plots = write_plots(records, results_path, args.learning_curve)
+    # an lr sweep has one budget: no quality-vs-parameters plot
+    plots = (
+        write_plots(records, results_path, learning_curve) if results_path is not None and not args.lr_sweep else []
+    )
+    extras = [f"![{p.title}]({p.path.name})\n\n" for p in plots]
+    if grids:
+        extras.append("## Grids\n\n")
+        where = results_path.parent if results_path is not None else Path.cwd()
+        extras += [f"![{path.stem}]({os.path.relpath(path, where)})\n\n" for path in grids]
     failures = "".join(f"- {o.job.name}: {o.error}\n" for o in failed)
     report = (
-        f"# Subject-driven generation: Lily vs LoRA on the toy world\n\n"
-        f"{steps} steps per run, batch 2, LoRA rank {LORA_RANK} (alpha = rank), Lily stride_A=4 / num_B=4 "
-        f"with r picked by `--match_lora_budget {LORA_RANK}`. Scores over {len(plan.seeds)} generation seeds x "
-        f"{len(plan.subject_prompts())} subject prompts, and {len(plan.class_seeds)} class-prompt images "
-        f"(distinct seeds); "
-        f"{plan.steps} inference steps, guidance {plan.guidance_scale}.\n\n"
-        f"{summary_table(records, base_scores)}\n{LEGEND}\n"
-        f"## Lily vs LoRA, paired over (subject, seed)\n\n"
-        + ("\n".join(paired_lines(records)) or "(no budget with runs of both)")
-        + "\n\n## Per subject\n\n"
-        f"{per_subject_tables(records, {DEFAULT_SUBJECT.name: base_scores})}\n"
-        + "".join(f"![{p.title}]({p.path.name})\n\n" for p in plots)
+        render_report(args, records, base_scores, plan, extras)
         + (f"## Failed runs\n\n{failures}\n" if failures else "")
-        + f"Total wall time {minutes:.1f} min on {platform.processor() or platform.machine()}, {n_jobs} training "
-        f"processes with one torch thread each.\n\n"
+        + f"{len(specs)} runs; total wall time {minutes:.1f} min on {machine()}; {n_jobs} training processes with "
+        "one torch thread each.\n\n"
         f"```bash\n{shlex.join(['python', '-m', 'benchmarks.subject_driven', *argv])}\n```\n"
     )
     if results_path is not None:

@@ -26,41 +26,48 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lily_diffusion.grids import GridAdapter, describe_adapter, generate_for_adapter
+from lily_diffusion.serialization import read_lily_file
 
 from .evaluate import ToyEvaluator
 from .figures import column_header, subject_grid
+from .methods import REFERENCE_BUDGET, get_method, method_name
 from .paths import BASE_MODEL_DIR, TRAIN_SCRIPT
 from .paths import SUBJECT_DIR as SUBJECT_DIR  # re-exported: the default subject's folder
 from .render import BACKGROUNDS
 from .subjects import CLASS_PROMPT as CLASS_PROMPT  # re-exported: the default subject's prompts
-from .subjects import DEFAULT_SUBJECT, INSTANCE_PROMPT, Subject
+from .subjects import DEFAULT_SUBJECT, INSTANCE_PROMPT, Subject, get_subject
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One DreamBooth run."""
+    """One DreamBooth run: a method at a budget (a LoRA rank, `toyworld.methods`) on a subject, with its recipe."""
 
-    method: str  # "lily" or "lora"
+    method: str  # a key of toyworld.methods.METHODS
     learning_rate: float
     prior: bool
     seed: int
     steps: int
+    subject: str = DEFAULT_SUBJECT.name
+    budget: int = REFERENCE_BUDGET
+    extra_flags: tuple[str, ...] = ()  # training flags of the recipe, e.g. ("--lr_scheduler=cosine",)
 
     @property
     def name(self) -> str:
-        return f"{self.method}-lr{self.learning_rate:g}-{'prior' if self.prior else 'noprior'}-seed{self.seed}"
+        """'star-lily-budget4-lr0.003-noprior-seed0': unique in a sweep, file-name safe."""
+        prior = "prior" if self.prior else "noprior"
+        return f"{self.subject}-{self.method}-budget{self.budget}-lr{self.learning_rate:g}-{prior}-seed{self.seed}"
 
     @property
     def label(self) -> str:
         """The run for people: "Lily lr 0.003, prior, seed 0"."""
-        method = {"lily": "Lily", "lora": "LoRA"}.get(self.method, self.method)
-        return f"{method} lr {self.learning_rate:g}, {'prior' if self.prior else 'no prior'}, seed {self.seed}"
+        prior = "prior" if self.prior else "no prior"
+        return f"{method_name(self.method)} lr {self.learning_rate:g}, {prior}, seed {self.seed}"
 
     @property
     def setting(self) -> tuple[str, float, bool]:
-        """What the table groups by (everything but the seed)."""
+        """What the demo's table groups by (everything but the seed)."""
         return (self.method, self.learning_rate, self.prior)
 
 
@@ -90,12 +97,19 @@ class RunResult:
     file_bytes: int
     train_seconds: float
     scores: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, int] = field(default_factory=dict)  # `adapter_settings` of the saved file
 
 
-def training_flags(
-    spec: RunSpec, output_dir: Path, class_dir: Path, lora_rank: int, subject: Subject = DEFAULT_SUBJECT
-) -> list[str]:
-    """The command line of one run on `subject`; Lily gets the config that fits LoRA's budget at `lora_rank`."""
+def override_flags(flags: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """`flags` then `overrides`, an override of `--name` (as `--name=value` or bare) replacing any earlier `--name`."""
+    names = {flag.split("=", 1)[0] for flag in overrides}
+    return [*(f for f in flags if f.split("=", 1)[0] not in names), *overrides]
+
+
+def training_flags(spec: RunSpec, output_dir: Path, class_dir: Path) -> list[str]:
+    """The command line of one run: the subject's data, the method's flags at the run's budget, then the run's
+    `extra_flags` (which replace any flag of the same name, e.g. `--lr_scheduler`)."""
+    subject = get_subject(spec.subject)
     flags = [
         f"--pretrained_model_name_or_path={BASE_MODEL_DIR}",
         f"--instance_data_dir={subject.folder}",
@@ -110,12 +124,8 @@ def training_flags(
         "--report_to=none",
         "--checkpointing_steps=1000000",
         f"--output_dir={output_dir}",
-        f"--adapter={spec.method}",
+        *get_method(spec.method).flags(spec.budget),
     ]
-    if spec.method == "lily":
-        flags += ["--lily_stride_A=4", "--lily_num_B=4", f"--match_lora_budget={lora_rank}"]
-    else:
-        flags += [f"--rank={lora_rank}", f"--lora_alpha={lora_rank}"]
     if spec.prior:
         flags += [
             "--with_prior_preservation",
@@ -124,17 +134,26 @@ def training_flags(
             "--num_class_images=10",
             "--prior_loss_weight=1.0",
         ]
-    return flags
+    return override_flags(flags, spec.extra_flags)
 
 
-def train(spec: RunSpec, work_dir: Path, lora_rank: int) -> tuple[GridAdapter, float]:
+def class_images_dir(spec: RunSpec, work_dir: Path) -> Path:
+    """Where the runs on a subject with prior preservation keep its class images (shared by those runs)."""
+    return work_dir / f"class-images-{spec.subject}"
+
+
+def adapter_settings(adapter: GridAdapter) -> dict[str, int]:
+    """What a saved adapter's size came from, read from its file: Lily's r, stride_A and num_B ({} for others)."""
+    if adapter.kind != "lily" or adapter.path is None:
+        return {}
+    config = read_lily_file(adapter.path)["unet"].config
+    return {"r": config.r, "stride_A": config.stride_A, "num_B": config.num_B}
+
+
+def train(spec: RunSpec, work_dir: Path) -> tuple[GridAdapter, float]:
     """Run the training script; returns the saved adapter and the wall time."""
     output_dir = work_dir / spec.name
-    command = [
-        sys.executable,
-        str(TRAIN_SCRIPT),
-        *training_flags(spec, output_dir, work_dir / "class-images", lora_rank),
-    ]
+    command = [sys.executable, str(TRAIN_SCRIPT), *training_flags(spec, output_dir, class_images_dir(spec, work_dir))]
     started = time.perf_counter()
     returncode, tail = run_with_progress(command, spec.name, spec.steps)
     seconds = time.perf_counter() - started
@@ -194,30 +213,38 @@ def score(
 
 
 def run_all(
-    specs: Sequence[RunSpec], work_dir: Path, lora_rank: int, plan: EvalPlan
-) -> tuple[list[RunResult], dict[str, float]]:
-    """Train and score every run; also score the base model (the no-training reference)."""
+    specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan
+) -> tuple[list[RunResult], dict[str, dict[str, float]]]:
+    """Train and score every run; also score the base model on each run's subject (the no-training reference).
+    Returns the results and the base model's scores by subject name."""
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     evaluator = ToyEvaluator.load()
-    base_scores = score(pipe, GridAdapter("base", None, "base", 0), evaluator, plan)
+    base = GridAdapter("base", None, "base", 0)
+    subjects = dict.fromkeys(spec.subject for spec in specs)
+    base_scores = {name: score(pipe, base, evaluator, plan, get_subject(name)) for name in subjects}
     results = []
     for index, spec in enumerate(specs, start=1):
         logger.info("[%d/%d] training %s", index, len(specs), spec.name)
-        adapter, seconds = train(spec, work_dir, lora_rank)
-        result = RunResult(spec, adapter, adapter.path.stat().st_size, seconds, score(pipe, adapter, evaluator, plan))
+        adapter, seconds = train(spec, work_dir)
+        scores = score(pipe, adapter, evaluator, plan, get_subject(spec.subject))
+        result = RunResult(spec, adapter, adapter.path.stat().st_size, seconds, scores, adapter_settings(adapter))
         logger.info("    %.0f s, scores %s", seconds, json.dumps({k: round(v, 3) for k, v in result.scores.items()}))
         results.append(result)
     return results, base_scores
 
 
 def results_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
-    """Every run as plain data (for a JSON file beside the table)."""
+    """Every run as plain data (for a JSON file beside the table): its spec, name, budget (`budget_rank`), size
+    and what it came from (`adapter`: Lily's r, stride_A, num_B), times and scores."""
     return [
         {
             **asdict(r.spec),
+            "name": r.spec.name,
+            "budget_rank": r.spec.budget,
             "params": r.adapter.num_parameters,
+            "adapter": dict(r.settings),
             "file_bytes": r.file_bytes,
             "train_seconds": round(r.train_seconds, 1),
             "scores": {key: round(value, 4) for key, value in r.scores.items()},
@@ -270,20 +297,36 @@ def best_runs(results: Sequence[RunResult]) -> list[RunResult]:
     return [max(group, key=lambda r: r.scores["subject"] + r.scores["similarity"]) for group in groups.values()]
 
 
+def runs_grid(
+    runs: Sequence[RunResult],
+    subject: Subject,
+    plan: EvalPlan,
+    prompts: Sequence[str],
+    title: str,
+    details: Sequence[str] | None = None,
+    cell_size: int = 64,
+) -> Image.Image:
+    """The target (one instance image of `subject`), the base model, then each run's adapter, under short headers
+    (method, `details`, parameters) and `title`; rows are `prompts` x the plan's first two seeds."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
+    details = details if details is not None else [""] * len(runs)
+    adapters = [GridAdapter("base", None, "base", 0), *(r.adapter for r in runs)]
+    headers = [
+        column_header("base", 0),
+        *(column_header(r.spec.method, r.adapter.num_parameters, d) for r, d in zip(runs, details, strict=True)),
+    ]
+    seeds = plan.seeds[:2]
+    return subject_grid(
+        pipe, subject, adapters, headers, prompts, seeds, plan.steps, plan.guidance_scale, title, cell_size
+    )
+
+
 def best_grid(
     results: Sequence[RunResult], plan: EvalPlan, prompts: Sequence[str], cell_size: int = 64
 ) -> Image.Image:
     """The target, the base model and the best run per (method, prior preservation), labelled for people."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
     best = best_runs(results)
-    adapters = [GridAdapter("base", None, "base", 0), *(r.adapter for r in best)]
-    headers = [
-        column_header("base", 0),
-        *(column_header(r.spec.method, r.adapter.num_parameters, "+ prior" if r.spec.prior else "") for r in best),
-    ]
     steps = ", ".join(sorted({f"{r.spec.steps} steps, lr {r.spec.learning_rate:g}" for r in best}))
     title = f'DreamBooth on "{INSTANCE_PROMPT}": the target, the base model, the best run per method ({steps})'
-    seeds = plan.seeds[:2]
-    return subject_grid(
-        pipe, DEFAULT_SUBJECT, adapters, headers, prompts, seeds, plan.steps, plan.guidance_scale, title, cell_size
-    )
+    details = ["+ prior" if r.spec.prior else "" for r in best]
+    return runs_grid(best, DEFAULT_SUBJECT, plan, prompts, title, details, cell_size)

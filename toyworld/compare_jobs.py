@@ -20,9 +20,10 @@ from typing import Any
 
 from lily_diffusion.grids import GridAdapter
 
-from .compare import EvalPlan, RunResult, RunSpec, score, train
-from .paths import BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECT_DIR
+from .compare import EvalPlan, RunResult, RunSpec, adapter_settings, score, train
+from .paths import BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECTS_DIR
 from .runner import Job, Outcome, run_jobs
+from .subjects import get_subject
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,12 @@ BASE_JOB = "base-model"
 
 @dataclass(frozen=True)
 class RunPayload:
-    """What a worker needs for one job: a run (None: score the base model), where it goes, the budget, the plan."""
+    """What a worker needs for one job: a run (None: score the base model on `subject`), where it goes, the plan."""
 
     spec: RunSpec | None
     work_dir: Path
-    lora_rank: int
     plan: EvalPlan
+    subject: str
 
 
 @functools.cache
@@ -64,39 +65,51 @@ def _pipeline_and_evaluator() -> tuple[Any, Any]:
     return pipe, ToyEvaluator.load()
 
 
+def base_job_name(subject: str) -> str:
+    return f"{BASE_JOB}-{subject}"
+
+
 def train_and_score(payload: RunPayload) -> dict[str, Any]:
     """The worker: train one adapter (from scratch: a half-written run folder is removed) and score it."""
     pipe, evaluator = _pipeline_and_evaluator()
+    subject = get_subject(payload.subject)
     if payload.spec is None:
-        return {"scores": score(pipe, GridAdapter("base", None, "base", 0), evaluator, payload.plan)}
+        return {"scores": score(pipe, GridAdapter("base", None, "base", 0), evaluator, payload.plan, subject)}
     output_dir = payload.work_dir / payload.spec.name
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    adapter, seconds = train(payload.spec, payload.work_dir, payload.lora_rank)
+    adapter, seconds = train(payload.spec, payload.work_dir)
     return {
-        "adapter": {"file": adapter.path.name, "kind": adapter.kind, "num_parameters": adapter.num_parameters},
+        "adapter": {
+            "file": adapter.path.name,
+            "kind": adapter.kind,
+            "num_parameters": adapter.num_parameters,
+            "settings": adapter_settings(adapter),
+        },
         "file_bytes": adapter.path.stat().st_size,
         "train_seconds": seconds,
-        "scores": score(pipe, adapter, evaluator, payload.plan),
+        "scores": score(pipe, adapter, evaluator, payload.plan, subject),
     }
 
 
-def make_jobs(specs: Sequence[RunSpec], work_dir: Path, lora_rank: int, plan: EvalPlan) -> list[Job[RunPayload]]:
-    """The base model's job, then one job per run; settings hold everything a score depends on."""
-    common = {
-        "plan": asdict(plan),
-        "models": files_fingerprint(BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECT_DIR),
-    }
-    base = Job(BASE_JOB, RunPayload(None, work_dir, lora_rank, plan), {"kind": "base", **common})
-    runs = [
+def make_jobs(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -> list[Job[RunPayload]]:
+    """The base model's job per subject of the runs, then one job per run; settings hold everything a score
+    depends on."""
+    common = {"plan": asdict(plan), "models": files_fingerprint(BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECTS_DIR)}
+    subjects = dict.fromkeys(spec.subject for spec in specs)
+    bases = [
         Job(
-            spec.name,
-            RunPayload(spec, work_dir, lora_rank, plan),
-            {"spec": asdict(spec), "lora_rank": lora_rank, **common},
+            base_job_name(subject),
+            RunPayload(None, work_dir, plan, subject),
+            {"kind": "base", "subject": subject, **common},
         )
+        for subject in subjects
+    ]
+    runs = [
+        Job(spec.name, RunPayload(spec, work_dir, plan, spec.subject), {"spec": asdict(spec), **common})
         for spec in specs
     ]
-    return [base, *runs]
+    return [*bases, *runs]
 
 
 def describe_scores(result: dict[str, Any]) -> str:
@@ -107,31 +120,42 @@ def describe_scores(result: dict[str, Any]) -> str:
 def run_result(payload: RunPayload, result: dict[str, Any]) -> RunResult:
     """A `RunResult` from a job's (possibly cached) result; the adapter file is found in this `work_dir`."""
     spec, adapter = payload.spec, result["adapter"]
-    assert spec is not None  # the base model's job has no RunResult
+    assert spec is not None  # the base model's jobs have no RunResult
     path = payload.work_dir / spec.name / adapter["file"]
     grid_adapter = GridAdapter(spec.name, path, adapter["kind"], adapter["num_parameters"])
-    return RunResult(spec, grid_adapter, result["file_bytes"], result["train_seconds"], dict(result["scores"]))
+    return RunResult(
+        spec,
+        grid_adapter,
+        result["file_bytes"],
+        result["train_seconds"],
+        dict(result["scores"]),
+        dict(adapter.get("settings", {})),
+    )
 
 
 def run_all_parallel(
     specs: Sequence[RunSpec],
     work_dir: Path,
-    lora_rank: int,
     plan: EvalPlan,
     n_jobs: int | None = None,
     cache_dir: Path | None = None,
-) -> tuple[list[RunResult], dict[str, float], list[Outcome[RunPayload]]]:
-    """`compare.run_all` in `n_jobs` processes: (results of the runs that finished, base scores, failed outcomes).
+) -> tuple[list[RunResult], dict[str, dict[str, float]], list[Outcome[RunPayload]]]:
+    """`compare.run_all` in `n_jobs` processes: (results of the runs that finished, the base model's scores by
+    subject, failed outcomes).
 
-    Runs with prior preservation share `work_dir/class-images`; the first of them runs alone so that it
-    generates the class images before any other run reads them (as in the one-process order).
+    Runs on one subject with prior preservation share its class images; the first of them runs alone so that it
+    generates them before any other run reads them (as in the one-process order).
     `RuntimeError` if the base model cannot be scored (nothing can be compared without it).
     """
-    jobs = make_jobs(specs, work_dir, lora_rank, plan)
-    first = [job.name for job in jobs[1:] if job.payload.spec is not None and job.payload.spec.prior][:1]
+    jobs = make_jobs(specs, work_dir, plan)
+    bases = [job for job in jobs if job.payload.spec is None]
+    prior_runs = [job for job in jobs if job.payload.spec is not None and job.payload.spec.prior]
+    first = list({job.payload.subject: job.name for job in reversed(prior_runs)}.values())
     outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, first, describe_scores, desc="trainings")
-    base, runs = outcomes[0], outcomes[1:]
-    if base.result is None:
-        raise RuntimeError(f"scoring the base model failed: {base.error}")
-    results = [run_result(o.job.payload, o.result) for o in runs if o.result is not None]
-    return results, dict(base.result["scores"]), [o for o in outcomes if not o.ok]
+    base_scores: dict[str, dict[str, float]] = {}
+    for outcome in outcomes[: len(bases)]:
+        if outcome.result is None:
+            raise RuntimeError(f"scoring the base model ({outcome.job.name}) failed: {outcome.error}")
+        base_scores[outcome.job.payload.subject] = dict(outcome.result["scores"])
+    results = [run_result(o.job.payload, o.result) for o in outcomes[len(bases) :] if o.result is not None]
+    return results, base_scores, [o for o in outcomes if not o.ok]

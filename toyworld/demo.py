@@ -13,6 +13,7 @@ from pathlib import Path
 from .compare import CLASS_PROMPT, INSTANCE_PROMPT, EvalPlan, RunSpec, best_grid, results_table
 from .compare_jobs import run_all_parallel
 from .runner import default_jobs, use_one_thread
+from .subjects import DEFAULT_SUBJECT
 
 DEMO_STEPS = 600
 # Per method, the setting with the best mean subject fidelity and similarity in the full benchmark
@@ -48,16 +49,14 @@ def main(input_args: Sequence[str] | None = None) -> Path:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plan = EvalPlan(seeds=tuple(range(args.eval_seeds)), steps=args.inference_steps)
     specs = [
-        RunSpec(method, lr, args.with_prior_preservation, args.seed, args.steps)
+        RunSpec(method, lr, args.with_prior_preservation, args.seed, args.steps, budget=LORA_RANK)
         for method, lr in DEMO_LEARNING_RATES.items()
     ]
     use_one_thread()  # tiny models: a second thread per process only adds oversubscription on a busy machine
-    results, base_scores, failed = run_all_parallel(
-        specs, args.output_dir / "runs", LORA_RANK, plan, args.jobs or default_jobs()
-    )
+    results, base_scores, failed = run_all_parallel(specs, args.output_dir / "runs", plan, args.jobs or default_jobs())
     if failed:
         raise SystemExit("; ".join(f"{o.job.name} failed: {o.error}" for o in failed))
-    table = results_table(results, base_scores)
+    table = results_table(results, base_scores[DEFAULT_SUBJECT.name])
     (args.output_dir / "scores.md").write_text(table)
     grid = best_grid(results, plan, [f"{INSTANCE_PROMPT} on a gray background", CLASS_PROMPT])
     grid.save(args.output_dir / "grid.png")

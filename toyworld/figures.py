@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from lily_diffusion.grids import GridAdapter, generate_for_adapter
 from lily_diffusion.images import _wrap, label_font, labelled_grid
 
+from .methods import method_name
 from .subjects import Subject
 
 TARGET_HEADER = "target (instance image)"
@@ -35,8 +36,7 @@ def column_header(method: str, num_parameters: int, detail: str = "") -> str:
     """'Lily 32,000 params', 'LoRA + prior 32,768 params', 'base model'."""
     if num_parameters == 0:
         return "base model"
-    name = {"lily": "Lily", "lora": "LoRA"}.get(method, method)
-    return f"{name}{f' {detail}' if detail else ''} {num_parameters:,} params"
+    return f"{method_name(method)}{f' {detail}' if detail else ''} {num_parameters:,} params"
 
 
 def subject_grid(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .methods import REFERENCE_BUDGET, budget_label, method_name
 from .stats import Estimate, bootstrap_mean, paired_comparison
 from .subjects import DEFAULT_SUBJECT
 
@@ -27,11 +28,8 @@ SCORE_NAMES = {
     "background_unseen": "prompt fidelity, unseen background",
     "class_preservation": "class preservation",
 }
-METHOD_NAMES = {"lily": "Lily", "lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
-
-
-def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+SUBJECT_TARGET, PROMPT_TARGET = 0.8, 0.9  # the subject is learned: subject fidelity >= 0.8, prompt fidelity >= 0.9
+PROMPT_METRIC = "background"  # prompt fidelity over all three backgrounds (seen and unseen)
 
 
 def subject_of(record: Record) -> str:
@@ -152,6 +150,118 @@ def paired_lines(records: Sequence[Record], metric: str = "subject", a: str = "l
     return lines
 
 
+def reaches_subject(group: Sequence[Record]) -> bool:
+    """Whether runs learned the subject: mean subject fidelity >= 0.8 and mean prompt fidelity (all backgrounds)
+    >= 0.9."""
+    return bool(group) and (
+        estimate(group, "subject").mean >= SUBJECT_TARGET and estimate(group, PROMPT_METRIC).mean >= PROMPT_TARGET
+    )
+
+
+def smallest_reaching_budget(records: Sequence[Record], method: str, subject: str | None = None) -> int | None:
+    """The smallest budget at which a setting of `method` learns the subject (`reaches_subject`), its runs' means
+    over every (subject, seed), or over the seeds on `subject` only; None if no budget does."""
+    rows = [r for r in records if subject is None or subject_of(r) == subject]
+    for budget in sorted({budget_of(r) for r in rows if r["method"] == method}):
+        groups = [g for key, g in group_by_setting(rows).items() if key[0] == method and key[1] == budget]
+        if any(reaches_subject(group) for group in groups):
+            return budget
+    return None
+
+
+def common_budget(records: Sequence[Record]) -> int | None:
+    """The budget to compare methods at: the rank-4 budget if every method ran there, else the largest budget every
+    method ran at (None if there is none)."""
+    methods = dict.fromkeys(str(r["method"]) for r in records)
+    shared = (
+        set.intersection(*({budget_of(r) for r in records if r["method"] == m} for m in methods)) if methods else set()
+    )
+    return REFERENCE_BUDGET if REFERENCE_BUDGET in shared else max(shared, default=None)
+
+
+def headline_table(records: Sequence[Record], budget: int | None = None) -> str:
+    """Markdown: per method, the smallest budget that learns the subject (over all subjects, and per subject), then
+    its quality at one budget every method ran at (`common_budget` by default): subject fidelity, prompt fidelity
+    on the unseen background (recontextualisation), class preservation, each mean [95% CI] at its best setting."""
+    budget = common_budget(records) if budget is None else budget
+    at = budget_label(budget) if budget is not None else "equal budget"
+    metrics = ("subject", "background_unseen", "class_preservation")
+    header = [
+        "method",
+        "smallest budget learning the subject (all subjects)",
+        "per subject",
+        *(f"{SCORE_NAMES[m]} at {at}" for m in metrics),
+        "n",
+    ]
+    align = ["---", "---", "---", *("---:" for _ in metrics), "---:"]
+    subjects = list(dict.fromkeys(subject_of(r) for r in records))
+    rows = []
+    for method in dict.fromkeys(str(r["method"]) for r in records):
+        overall = smallest_reaching_budget(records, method)
+        per_subject = []
+        for subject in subjects:
+            reached = smallest_reaching_budget(records, method, subject)
+            per_subject.append(f"{subject}: {'none' if reached is None else f'r{reached}'}")
+        group = best_setting(records, method, budget, "subject") if budget is not None else []
+        cells = [str(estimate(group, m)) if group else "not run" for m in metrics]
+        rows.append(
+            [
+                method_name(method),
+                "none" if overall is None else budget_label(overall),
+                ", ".join(per_subject),
+                *cells,
+                str(len(group)),
+            ]
+        )
+    return _table(header, align, rows)
+
+
+def adapter_settings_table(records: Sequence[Record]) -> str:
+    """Markdown: per (method, budget) with recorded adapter settings (Lily's r, stride_A, num_B, read from the
+    saved files), those settings and the parameter count; '' if no record has any."""
+    seen: dict[tuple[str, int], tuple[str, str]] = {}
+    for record in records:
+        settings = record.get("adapter") or {}
+        if settings:
+            text = ", ".join(f"{key} {value}" for key, value in settings.items())
+            seen.setdefault((str(record["method"]), budget_of(record)), (text, f"{int(record['params']):,}"))
+    if not seen:
+        return ""
+    rows = [[method_name(m), budget_label(b), text, params] for (m, b), (text, params) in sorted(seen.items())]
+    return _table(["method", "budget", "adapter (from the saved file)", "params"], ["---", "---", "---", "---:"], rows)
+
+
+def _closest_budget(budgets: Sequence[int], budget: int) -> int:
+    """`budget` if present, else the smallest larger one, else the largest."""
+    return min((b for b in budgets if b >= budget), default=max(budgets))
+
+
+def grid_runs(records: Sequence[Record], subject: str, others: Sequence[str]) -> tuple[int, bool, list[Record]]:
+    """What a subject's grid shows: (budget, whether a method learns the subject there, the runs).
+
+    The budget is the smallest at which any method learns `subject` (else the comparison budget); the runs are
+    the best (subject fidelity + similarity) of Lily, of LoRA and of the `others` together on `subject`, each at
+    that budget or, for a method not run there, at its closest (`_closest_budget`). A method without runs is left
+    out.
+    """
+    rows = [r for r in records if subject_of(r) == subject]
+    reached = [b for m in dict.fromkeys(str(r["method"]) for r in rows) if (b := smallest_reaching_budget(rows, m))]
+    budget = min(reached) if reached else (common_budget(rows) or REFERENCE_BUDGET)
+    chosen = []
+    for methods in (("lily",), ("lora",), tuple(others)):
+        candidates = []
+        for method in methods:
+            own = [r for r in rows if r["method"] == method]
+            if own:
+                at = _closest_budget(sorted({budget_of(r) for r in own}), budget)
+                candidates += [r for r in own if budget_of(r) == at]
+        if candidates:
+            chosen.append(
+                max(candidates, key=lambda r: float(r["scores"]["subject"]) + float(r["scores"]["similarity"]))
+            )
+    return budget, bool(reached), chosen
+
+
 @dataclass(frozen=True)
 class PlotData:
     """What a plot function drew, read back from its axes: the file, the labels and each line's points."""
@@ -212,11 +322,29 @@ def plot_quality_vs_params(records: Sequence[Record], path: Path, metric: str = 
     return _save(figure, axes, path)
 
 
+def curve_points(data: Any) -> Any:
+    """The points of a learning-curve file's data: a list of points, a dict holding one under "points", or
+    `benchmarks.learning_curve`'s records (runs with points by step), flattened to one point per (run, step)."""
+    if isinstance(data, dict) and isinstance(data.get("runs"), dict):
+        return [
+            {
+                "method": run.get("method"),
+                "subject": run.get("subject"),
+                "learning_rate": run.get("learning_rate"),
+                "steps": int(step),
+                "scores": point.get("scores", {}),
+            }
+            for run in data["runs"].values()
+            if isinstance(run, dict) and isinstance(run.get("points"), dict)
+            for step, point in run["points"].items()
+        ]
+    return data.get("points") if isinstance(data, dict) else data
+
+
 def load_learning_curve(path: Path) -> list[dict[str, Any]]:
-    """Points of a learning-curve JSON: a list, or a dict holding one under "points"; each point has `method`,
-    `steps` and `scores` (or the score names at its top level). `ValueError` in one sentence otherwise."""
-    data = json.loads(Path(path).read_text())
-    points = data.get("points") if isinstance(data, dict) else data
+    """Points of a learning-curve JSON (see `curve_points`); each point has `method`, `steps` and `scores` (or the
+    score names at its top level). `ValueError` in one sentence otherwise."""
+    points = curve_points(json.loads(Path(path).read_text()))
     if not isinstance(points, list) or not all(isinstance(p, dict) and {"method", "steps"} <= set(p) for p in points):
         raise ValueError(
             f"{path} is not a learning curve: expected a list of points with 'method', 'steps' and scores"
@@ -224,17 +352,28 @@ def load_learning_curve(path: Path) -> list[dict[str, Any]]:
     return points
 
 
+def curve_label(point: Record) -> str:
+    """A learning-curve line's label: 'LoRA, square, lr 0.001' (the method alone when the point says no more)."""
+    parts = [method_name(str(point["method"]))]
+    if point.get("subject"):
+        parts.append(str(point["subject"]))
+    if point.get("learning_rate") is not None:
+        parts.append(f"lr {float(point['learning_rate']):g}")
+    return ", ".join(parts)
+
+
 def plot_quality_vs_steps(points: Sequence[Record], path: Path, metric: str = "subject") -> PlotData:
-    """Quality vs training steps, one line per method (several points at one step count: their mean)."""
+    """Quality vs training steps, one line per `curve_label` (method, and subject and lr where the points say
+    them; several points at one step count: their mean)."""
     figure, axes = _figure()
-    for method in dict.fromkeys(str(p["method"]) for p in points):
+    for label in dict.fromkeys(curve_label(p) for p in points):
         by_steps: dict[int, list[float]] = {}
         for point in points:
-            if point["method"] == method:
+            if curve_label(point) == label:
                 scores = point.get("scores", point)
                 by_steps.setdefault(int(point["steps"]), []).append(float(scores[metric]))
         steps = sorted(by_steps)
-        axes.plot(steps, [sum(by_steps[s]) / len(by_steps[s]) for s in steps], marker="o", label=method_name(method))
+        axes.plot(steps, [sum(by_steps[s]) / len(by_steps[s]) for s in steps], marker="o", label=label)
     axes.set_xlabel("training steps")
     axes.set_ylabel(SCORE_NAMES.get(metric, metric))
     axes.set_title(f"{SCORE_NAMES.get(metric, metric).capitalize()} vs training steps")

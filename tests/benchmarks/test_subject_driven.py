@@ -1,11 +1,15 @@
-"""benchmarks/subject_driven.py end to end in its smallest form: parallel runs, the tables, the plot, resuming."""
+"""benchmarks/subject_driven.py: the plans it makes (without training), and end to end in its smallest form:
+parallel runs, the headline, paired and per-subject tables, the plot, a subject's grid, resuming."""
 
 import json
 import re
 
 import pytest
+from PIL import Image
 
 from benchmarks import subject_driven
+from toyworld.methods import METHODS, available_methods
+from toyworld.subjects import SUBJECTS
 
 SCORE_HEADERS = [
     "subject fidelity",
@@ -16,46 +20,123 @@ SCORE_HEADERS = [
 ]
 
 
-def table_rows(report):
-    table = report.split("\n\n")[2]  # title, settings, then the headline table
-    lines = table.splitlines()
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return header, [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+def test_full_plan_is_every_method_budget_subject_and_seed():
+    methods = ["lily", "lora", "dora", "lokr", "loha"]
+    runs = subject_driven.full_plan(methods)
+    budgets = sum(len(METHODS[m].budgets) for m in methods)
+    assert budgets == 3 + 4 + 1 + 1 + 1
+    assert len(runs) == budgets * len(SUBJECTS) * len(subject_driven.SEEDS) == 120
+    assert len({r.name for r in runs}) == len(runs)  # one folder and one cache entry each
+    assert {(r.method, r.budget) for r in runs if r.method == "lily"} == {("lily", 1), ("lily", 2), ("lily", 4)}
+    assert {r.budget for r in runs if r.method == "lora"} == {1, 2, 4, 8}
+    assert {r.budget for r in runs if r.method in ("dora", "lokr", "loha")} == {4}
+    assert {r.subject for r in runs} == set(SUBJECTS) and {r.seed for r in runs} == {0, 1, 2}
+    recipe = subject_driven.RECIPE["lora"]
+    lora = next(r for r in runs if r.method == "lora")
+    assert (lora.steps, lora.learning_rate, lora.extra_flags, lora.prior) == (
+        recipe.steps,
+        recipe.learning_rate,
+        recipe.flags,
+        False,
+    )
+    # the default plan holds only the methods the training script can train
+    default = subject_driven.plan_of(subject_driven.parse_args([]))
+    assert {r.method for r in default} == set(available_methods())
+    assert len(default) == sum(len(METHODS[m].budgets) for m in available_methods()) * len(SUBJECTS) * 3
+
+
+def test_quick_and_lr_sweep_plans():
+    quick = subject_driven.plan_of(subject_driven.parse_args(["--quick"]))
+    assert [(r.method, r.budget, r.subject, r.seed, r.steps) for r in quick] == [
+        ("lily", 4, "star", 0, subject_driven.QUICK_STEPS),
+        ("lora", 4, "star", 0, subject_driven.QUICK_STEPS),
+    ]
+    sweep = subject_driven.plan_of(
+        subject_driven.parse_args(["--lr_sweep", "--methods", "lily", "lora", "--learning_rates", "1e-3", "5e-3"])
+    )
+    assert [(r.method, r.learning_rate, r.budget, r.subject, r.seed) for r in sweep] == [
+        ("lily", 1e-3, 4, "square", 0),
+        ("lily", 5e-3, 4, "square", 0),
+        ("lora", 1e-3, 4, "square", 0),
+        ("lora", 5e-3, 4, "square", 0),
+    ]
+    default_sweep = subject_driven.plan_of(subject_driven.parse_args(["--lr_sweep"]))
+    assert len(default_sweep) == len(available_methods()) * len(subject_driven.LR_SWEEP_RATES)
+
+
+def section(report, heading):
+    """The text under a '## heading' up to the next '## '."""
+    return report.split(f"## {heading}\n\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    parse = lambda line: [cell.strip() for cell in line.strip("|").split("|")]  # noqa: E731
+    return parse(lines[0]), [parse(line) for line in lines[2:]]
+
+
+def cell_value(cell):
+    """'0.512 [0.401, 0.623]' or '0.300 (n=1)' -> 0.512 / 0.3."""
+    return float(cell.split()[0])
 
 
 def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path):
-    work_dir, results = tmp_path / "runs", tmp_path / "out" / "subject_driven.md"
+    work_dir, results, grids = tmp_path / "runs", tmp_path / "out" / "subject_driven.md", tmp_path / "grids"
     flags = ["--quick", "--steps", "3", "--inference_steps", "2", "--jobs", "2", "--work_dir", str(work_dir)]
-    report = subject_driven.main([*flags, "--results", str(results)])
+    report = subject_driven.main([*flags, "--results", str(results), "--grids", str(grids)])
 
-    header, rows = table_rows(report)
+    header, rows = table_rows(section(report, "Headline"))
+    assert header[:3] == ["method", "smallest budget learning the subject (all subjects)", "per subject"]
+    assert [row[0] for row in rows] == ["Lily", "LoRA"]
+    for row in rows:
+        assert row[1] in ("none", "LoRA r4 (1x)") and row[2] in ("star: none", "star: r4") and row[-1] == "1"
+        assert all(0.0 <= cell_value(cell) <= 1.0 for cell in row[3:-1])
+
+    header, rows = table_rows(section(report, "All runs"))
     assert header == ["method", "budget (LoRA rank)", "lr", "prior", "params", *SCORE_HEADERS, "n"]
-    assert [row[0] for row in rows] == ["base model (no training)", "Lily", "LoRA"]
-    for row in rows[1:]:
-        assert row[1:4] == ["4", "0.003", "off"] and row[-1] == "1"
-        values = [float(cell.removesuffix(" (n=1)")) for cell in row[5:-1]]
-        assert all(-1.0 <= v <= 1.0 for v in values)  # similarity is a cosine
+    assert [row[0] for row in rows] == ["Lily", "LoRA"]
+    for row in rows:
+        assert row[1:4] == ["4", "0.001", "off"] and row[-1] == "1"
+        values = [cell_value(cell) for cell in row[5:-1]]
+        assert all("(n=1)" in cell for cell in row[5:-1])  # one run: no interval, no "± 0.000"
+        assert -1.0 <= values[1] <= 1.0  # similarity is a cosine
         assert all(0.0 <= v <= 1.0 for i, v in enumerate(values) if i != 1)  # the others are fractions
-    assert int(rows[1][4].replace(",", "")) <= int(rows[2][4].replace(",", "")) == 32768
-    assert "- budget of LoRA rank 4: Lily (32,000 params" in report and "sign test p = " in report
-    assert "### subject star" in report and "2 training processes with one torch thread each" in report
+    assert int(rows[0][4].replace(",", "")) == 32000 and int(rows[1][4].replace(",", "")) == 32768
+
+    paired = section(report, "Lily vs LoRA, paired over (subject, seed)")
+    assert "- budget of LoRA rank 4: Lily (32,000 params, lr 0.001, no prior) − LoRA (32,768 params" in paired
+    assert "subject fidelity: " in paired and "prompt fidelity, unseen background: " in paired
+    assert paired.count("sign test p = ") == 2
+    assert table_rows(section(report, "Adapter sizes"))[1] == [
+        ["Lily", "LoRA r4 (1x)", "r 10, stride_A 4, num_B 4", "32,000"]
+    ]
+    per_subject = section(report, "Per subject")
+    assert "### subject star" in per_subject and "| base model (no training) |" in per_subject
+    assert (
+        "2 training processes with one torch thread each" in report and "python -m benchmarks.subject_driven" in report
+    )
+
     assert results.read_text() == report
     data = json.loads(results.with_suffix(".json").read_text())
     assert [(r["method"], r["subject"], r["budget_rank"]) for r in data["runs"]] == [
         ("lily", "star", 4),
         ("lora", "star", 4),
     ]
+    assert list(data["base_model"]) == ["star"]
     assert (results.parent / "subject_driven_params.png").stat().st_size > 1000
+    grid = Image.open(grids / "subject_driven_grid_star.png")
+    assert grid.width > 4 * 64 and grid.height > 3 * 2 * 64  # target, base, Lily, LoRA; 3 prompts x 2 seeds
+    assert "![subject_driven_grid_star](../grids/subject_driven_grid_star.png)" in report
     assert len(list((work_dir / "scores").glob("*.json"))) == 3  # the base model and the two runs
 
     # a second start with the same work_dir is refused without --resume, and with it reuses every score
     with pytest.raises(SystemExit):
         subject_driven.main([*flags, "--results", str(results)])
-    adapter = next((work_dir / "lily-lr0.003-noprior-seed0").glob("*.safetensors"))
+    adapter = next((work_dir / "star-lily-budget4-lr0.001-noprior-seed0").glob("*.safetensors"))
     trained_at = adapter.stat().st_mtime_ns
     again = subject_driven.main([*flags, "--resume", "--results", str(tmp_path / "again.md")])
     assert adapter.stat().st_mtime_ns == trained_at  # not trained again
-    assert table_rows(again) == table_rows(report)
+    assert section(again, "All runs") == section(report, "All runs")
 
 
 @pytest.mark.parametrize(
@@ -66,6 +147,12 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
         (["--steps", "0"], "--steps must be at least 1"),
         (["--inference_steps", "0"], "--inference_steps must be at least 1"),
         (["--learning_curve", "no/such/curve.json"], "is not a file"),
+        (["--subject", "star"], "--subject is for --quick and --lr_sweep"),
+        (["--learning_rates", "1e-3"], "--learning_rates is for --lr_sweep"),
+        (["--lr_sweep", "--learning_rates", "0"], "--learning_rates must be positive"),
+        (["--quick", "--lr_sweep"], "not allowed with argument"),
+        (["--quick", "--methods", "lily"], "--methods is not for --quick"),
+        (["--methods", "ia3"], "--methods ia3: unknown"),
     ],
 )
 def test_bad_flags_are_refused_in_one_line(flags, message, capsys):
@@ -73,3 +160,45 @@ def test_bad_flags_are_refused_in_one_line(flags, message, capsys):
         subject_driven.parse_args(flags)
     assert exit_info.value.code == 2
     assert re.search(re.escape(message), capsys.readouterr().err)
+
+
+def test_a_method_the_training_script_cannot_train_is_refused(capsys):
+    missing = [m for m in METHODS if m not in available_methods()]
+    if not missing:
+        pytest.skip("the training script trains every method of the table")
+    with pytest.raises(SystemExit):
+        subject_driven.parse_args(["--methods", missing[0]])
+    assert f"has no --adapter {missing[0]}" in capsys.readouterr().err
+
+
+def sweep_record(method, lr, subject_score):
+    return {
+        "method": method,
+        "learning_rate": lr,
+        "prior": False,
+        "seed": 0,
+        "steps": 2400,
+        "subject": "square",
+        "budget_rank": 4,
+        "extra_flags": ["--lr_scheduler=cosine"],
+        "params": 32000,
+        "scores": {
+            "subject": subject_score,
+            "similarity": 0.5,
+            "background": 1.0,
+            "background_seen": 1.0,
+            "background_unseen": 1.0,
+            "class_preservation": 0.5,
+        },
+    }
+
+
+def test_lr_sweep_report_names_each_methods_best_learning_rate():
+    records = [sweep_record("lily", 1e-3, 0.2), sweep_record("lily", 3e-3, 0.9), sweep_record("lora", 1e-3, 0.7)]
+    args = subject_driven.parse_args(["--lr_sweep"])
+    report = subject_driven.render_report(args, records, {}, subject_driven.EvalPlan(), [])
+    assert report.startswith("# Learning-rate sweep: each method at the LoRA r4 (1x) budget on square")
+    assert "- Lily: budgets r4; 2400 steps, lr 0.001, 0.003, no prior; `--lr_scheduler=cosine`" in report
+    best = section(report, "Best learning rate per method")
+    assert "then fixed in `RECIPE`" in best
+    assert "- Lily: lr 0.003 (subject fidelity 0.900 (n=1)" in best and "- LoRA: lr 0.001 (" in best

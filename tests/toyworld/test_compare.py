@@ -5,7 +5,6 @@ import json
 import numpy as np
 from PIL import Image
 
-from benchmarks.subject_driven import plan_runs
 from lily_diffusion.grids import GridAdapter
 from toyworld.compare import (
     SUBJECT_DIR,
@@ -16,9 +15,11 @@ from toyworld.compare import (
     results_records,
     results_table,
     run_all,
+    training_flags,
 )
 from toyworld.evaluate import ToyEvaluator
 from toyworld.render import COLOURS, Scene, render
+from toyworld.subjects import SUBJECTS
 
 
 def test_evaluator_separates_the_subject_from_plain_stars():
@@ -30,19 +31,26 @@ def test_evaluator_separates_the_subject_from_plain_stars():
     assert evaluator.subject_probability(stars).max() < 0.5
 
 
-def test_full_plan_is_the_issue_grid():
-    runs = plan_runs(quick=False, steps=200)
-    assert len(runs) == 2 * 3 * 2 * 3  # methods x learning rates x prior on/off x seeds
-    assert {r.method for r in runs} == {"lily", "lora"} and {r.prior for r in runs} == {False, True}
+def test_training_flags_follow_the_method_table_and_the_recipe_flags_replace_defaults(tmp_path):
+    spec = RunSpec("lily", 1e-3, True, 2, 300, "square", 2, ("--lr_scheduler=cosine", "--cache_latents"))
+    assert spec.name == "square-lily-budget2-lr0.001-prior-seed2"
+    flags = training_flags(spec, tmp_path / "out", tmp_path / "class")
+    assert "--instance_data_dir=" + str(SUBJECTS["square"].folder) in flags
+    assert "--class_prompt=a photo of a square" in flags and f"--class_data_dir={tmp_path / 'class'}" in flags
+    assert [f for f in flags if f.startswith("--lr_scheduler")] == ["--lr_scheduler=cosine"]  # replaced, not twice
+    assert flags[-1] == "--cache_latents"
+    assert {"--adapter=lily", "--lily_stride_A=8", "--lily_num_B=2", "--match_lora_budget=2"} <= set(flags)
+    assert "--rank=8" in training_flags(RunSpec("lora", 1e-3, False, 0, 300, budget=8), tmp_path, tmp_path)
 
 
 def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
     specs = [RunSpec("lily", 3e-3, False, 0, 8), RunSpec("lora", 3e-3, True, 0, 8)]
-    results, base_scores = run_all(specs, tmp_path, 4, EvalPlan(seeds=(0,), steps=4))
-    assert base_scores["subject"] < 0.5  # the base model never shows the subject
+    results, base_scores = run_all(specs, tmp_path, EvalPlan(seeds=(0,), steps=4))
+    assert list(base_scores) == ["star"] and base_scores["star"]["subject"] < 0.5  # the base never shows the subject
     lily, lora = results
     assert lily.adapter.kind == "lily" and lora.adapter.kind == "lora"
     assert lily.adapter.num_parameters <= lora.adapter.num_parameters  # Lily within LoRA's budget
+    assert lily.settings == {"r": 10, "stride_A": 4, "num_B": 4} and lora.settings == {}  # read from the files
     for result in results:
         assert set(result.scores) == {
             "subject",
@@ -55,12 +63,13 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
         assert all(np.isfinite(v) for v in result.scores.values())
         assert result.file_bytes == result.adapter.path.stat().st_size > 0
     records = json.loads(json.dumps(results_records(results)))
-    assert [(r["method"], r["prior"], r["params"]) for r in records] == [
-        ("lily", False, lily.adapter.num_parameters),
-        ("lora", True, lora.adapter.num_parameters),
+    assert [(r["method"], r["prior"], r["params"], r["budget_rank"], r["subject"]) for r in records] == [
+        ("lily", False, lily.adapter.num_parameters, 4, "star"),
+        ("lora", True, lora.adapter.num_parameters, 4, "star"),
     ]
+    assert records[0]["name"] == specs[0].name and records[0]["adapter"] == lily.settings
     assert records[0]["scores"].keys() == lily.scores.keys()
-    table = results_table(results, base_scores)
+    table = results_table(results, base_scores["star"])
     assert "| lily | 0.003 | off | " in table and "| lora | 0.003 | on | " in table
     assert "prompt fidelity, seen backgrounds | prompt fidelity, unseen background" in table
     assert "(n=1)" in table and "±" not in table  # one seed: no spread to show

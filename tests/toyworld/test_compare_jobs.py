@@ -1,36 +1,48 @@
 """The comparison runs as cached jobs: what the cache key holds (the run, the plan, the models' bytes), and not."""
 
+import dataclasses
 from pathlib import Path
 
 from toyworld.compare import EvalPlan, RunSpec
-from toyworld.compare_jobs import BASE_JOB, files_fingerprint, make_jobs
+from toyworld.compare_jobs import files_fingerprint, make_jobs
 
 PLAN = EvalPlan()
-SPECS = [RunSpec("lily", 3e-3, False, 0, 40), RunSpec("lora", 3e-3, True, 1, 40)]
+SPECS = [RunSpec("lily", 3e-3, False, 0, 40), RunSpec("lora", 3e-3, True, 1, 40, "square", 2)]
 
 
-def test_jobs_are_the_base_model_then_each_run():
-    jobs = make_jobs(SPECS, Path("runs"), 4, EvalPlan(seeds=(0, 1)))
-    assert [job.name for job in jobs] == [BASE_JOB, "lily-lr0.003-noprior-seed0", "lora-lr0.003-prior-seed1"]
-    assert jobs[0].payload.spec is None and jobs[2].payload.spec == SPECS[1]
-    assert jobs[1].settings["spec"] == {
+def test_jobs_are_the_base_model_per_subject_then_each_run():
+    jobs = make_jobs(SPECS, Path("runs"), EvalPlan(seeds=(0, 1)))
+    assert [job.name for job in jobs] == [
+        "base-model-star",
+        "base-model-square",
+        "star-lily-budget4-lr0.003-noprior-seed0",
+        "square-lora-budget2-lr0.003-prior-seed1",
+    ]
+    assert [(job.payload.spec, job.payload.subject) for job in jobs[:2]] == [(None, "star"), (None, "square")]
+    assert jobs[3].payload.spec == SPECS[1] and jobs[3].payload.subject == "square"
+    assert jobs[2].settings["spec"] == {
         "method": "lily",
         "learning_rate": 3e-3,
         "prior": False,
         "seed": 0,
         "steps": 40,
+        "subject": "star",
+        "budget": 4,
+        "extra_flags": (),
     }
 
 
 def test_the_key_follows_the_settings_not_the_folder():
-    def keys(specs, work_dir="a", rank=4, plan=PLAN):
-        return [job.key for job in make_jobs(specs, Path(work_dir), rank, plan)]
+    def keys(specs, work_dir="a", plan=PLAN):
+        return [job.key for job in make_jobs(specs, Path(work_dir), plan)]
 
     assert keys(SPECS) == keys(SPECS, work_dir="elsewhere")  # a moved work_dir keeps its cache
-    assert keys(SPECS)[1:] != keys(SPECS, rank=8)[1:]
     assert keys(SPECS) != keys(SPECS, plan=EvalPlan(steps=10))
     longer = [RunSpec("lily", 3e-3, False, 0, 80), SPECS[1]]
-    assert keys(longer)[1] != keys(SPECS)[1] and keys(longer)[2] == keys(SPECS)[2]
+    assert keys(longer)[2] != keys(SPECS)[2] and keys(longer)[3] == keys(SPECS)[3]
+    for change in ({"budget": 8}, {"extra_flags": ("--lr_scheduler=cosine",)}, {"subject": "circle"}):
+        changed = [dataclasses.replace(SPECS[0], **change)]
+        assert keys(changed)[-1] != keys(SPECS[:1])[-1]
 
 
 def test_the_models_fingerprint_changes_with_any_byte(tmp_path):

@@ -18,7 +18,7 @@ def test_demo_trains_both_adapters_and_writes_the_grid_and_the_table(tmp_path):
     grid = Image.open(output_dir / "grid.png")
     # columns: base, Lily, LoRA (64 px cells) beside a label column; rows: the subject and the class prompt
     assert grid.width > 3 * 64 and grid.height > 2 * 64
-    assert (output_dir / "runs" / "lily-lr0.003-noprior-seed0").is_dir()
+    assert (output_dir / "runs" / "star-lily-budget4-lr0.003-noprior-seed0").is_dir()
 
 
 def test_training_output_is_reduced_to_a_progress_bar_and_kept_for_errors():

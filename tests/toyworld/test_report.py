@@ -5,22 +5,37 @@ import json
 import pytest
 
 from toyworld.report import (
+    adapter_settings_table,
+    common_budget,
+    grid_runs,
+    headline_table,
     load_learning_curve,
     paired_lines,
     per_subject_tables,
     plot_quality_vs_params,
     plot_quality_vs_steps,
+    smallest_reaching_budget,
     summary_table,
 )
 
 SUBJECTS = ("star", "square", "triangle", "circle")
-PARAMS = {("lora", 1): 8192, ("lora", 4): 32768, ("lily", 1): 8000, ("lily", 4): 32000}
+PARAMS = {
+    ("lora", 1): 8192,
+    ("lora", 2): 16384,
+    ("lora", 4): 32768,
+    ("lora", 8): 65536,
+    ("lily", 1): 8000,
+    ("lily", 2): 16000,
+    ("lily", 4): 32000,
+    ("lokr", 4): 30000,
+}
 
 
-def record(method, budget, subject, seed, subject_score, lr=3e-3, prior=False):
+def record(method, budget, subject, seed, subject_score, lr=3e-3, prior=False, background=1.0, similarity=0.5):
     scores = {
         "subject": subject_score,
-        "similarity": 0.5,
+        "similarity": similarity,
+        "background": background,
         "background_seen": 1.0,
         "background_unseen": 0.5,
         "class_preservation": 0.75,
@@ -138,3 +153,97 @@ def test_a_file_that_is_not_a_learning_curve_is_refused(tmp_path):
     path.write_text(json.dumps({"points": [{"method": "lily"}]}))
     with pytest.raises(ValueError, match="not a learning curve"):
         load_learning_curve(path)
+
+
+def sweep():
+    """LoRA at ranks 1, 2, 4, 8 with subject fidelity 0.2 * rank - 0.1 * seed (mean over seeds 0-2: 0.1, 0.3, 0.7,
+    1.5); Lily at budgets 1, 2, 4 with 0.85 from budget 2 on, 0.5 below; LoKr at budget 4 with 0.9 but prompt
+    fidelity 0.5. Square: Lily reaches only at budget 4."""
+    records = []
+    for subject in ("star", "square"):
+        for seed in range(3):
+            for budget in (1, 2, 4, 8):
+                records.append(record("lora", budget, subject, seed, min(1.0, 0.2 * budget - 0.1 * seed)))
+            for budget in (1, 2, 4):
+                reached = budget >= (2 if subject == "star" else 4)
+                records.append(record("lily", budget, subject, seed, 0.85 if reached else 0.5))
+            records.append(record("lokr", 4, subject, seed, 0.9, background=0.5))
+    return records
+
+
+def test_smallest_budget_reaching_the_subject():
+    records = sweep()
+    # LoRA's mean over (subject, seed) at rank 4: 0.8 - 0.1 = 0.7 < 0.8; at rank 8 it is 1.0 - 0.1 * mean(...)
+    assert smallest_reaching_budget(records, "lora") == 8
+    assert smallest_reaching_budget(records, "lily", "star") == 2  # reaches 0.8 only from budget 2 on
+    assert smallest_reaching_budget(records, "lily", "square") == 4
+    assert smallest_reaching_budget(records, "lily") == 4  # over both subjects: 0.675 at budget 2
+    assert smallest_reaching_budget(records, "lokr") is None  # subject 0.9 but prompt fidelity 0.5
+    assert common_budget(records) == 4
+    assert common_budget([r for r in records if r["budget_rank"] != 4]) == 2  # no LoKr left; Lily and LoRA share 1, 2
+    assert common_budget([r for r in records if r["method"] == "lokr" or r["budget_rank"] == 1]) is None
+
+
+def test_headline_table_per_method():
+    table = headline_table(sweep())
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header == [
+        "method",
+        "smallest budget learning the subject (all subjects)",
+        "per subject",
+        "subject fidelity at LoRA r4 (1x)",
+        "prompt fidelity, unseen background at LoRA r4 (1x)",
+        "class preservation at LoRA r4 (1x)",
+        "n",
+    ]
+    body = {row[0]: row for row in rows(table)}
+    assert body["LoRA"][1:3] == ["LoRA r8 (2x)", "star: r8, square: r8"]
+    assert body["Lily"][1:3] == ["LoRA r4 (1x)", "star: r2, square: r4"]
+    assert body["LoKr"][1:3] == ["none", "star: none, square: none"]
+    assert body["Lily"][3] == "0.850 [0.850, 0.850]" and body["Lily"][-1] == "6"
+    lora_mean = float(body["LoRA"][3].split()[0])
+    assert lora_mean == pytest.approx(0.7)  # 0.8 - 0.1 * seed, seeds 0-2
+
+
+def test_adapter_settings_are_tabulated_from_the_records():
+    records = [
+        {**record("lily", 1, "star", 0, 0.1), "adapter": {"r": 5, "stride_A": 8, "num_B": 2}},
+        {**record("lily", 4, "star", 0, 0.1), "adapter": {"r": 10, "stride_A": 4, "num_B": 4}},
+        {**record("lora", 4, "star", 0, 0.1), "adapter": {}},
+    ]
+    assert rows(adapter_settings_table(records)) == [
+        ["Lily", "LoRA r1 (1/4x)", "r 5, stride_A 8, num_B 2", "8,000"],
+        ["Lily", "LoRA r4 (1x)", "r 10, stride_A 4, num_B 4", "32,000"],
+    ]
+    assert adapter_settings_table(records[2:]) == ""
+
+
+def test_grid_shows_each_method_at_the_smallest_budget_where_one_learns_the_subject():
+    records = sweep()
+    for r in records:
+        r["name"] = f"{r['subject']}-{r['method']}-{r['budget_rank']}-{r['seed']}"
+    budget, reached, chosen = grid_runs(records, "star", ["lokr"])
+    assert (budget, reached) == (2, True)  # Lily learns star at budget 2
+    # LoRA's best star run at budget 2 is seed 0; LoKr did not run at 2, so its closest larger budget, 4
+    assert [r["name"] for r in chosen] == ["star-lily-2-0", "star-lora-2-0", "star-lokr-4-0"]
+    nobody = [r for r in records if r["method"] != "lily" and r["budget_rank"] != 8]
+    budget, reached, chosen = grid_runs(nobody, "square", [])
+    assert (budget, reached) == (4, False) and [r["method"] for r in chosen] == ["lora"]
+
+
+def test_learning_curve_runs_file_becomes_one_line_per_run(tmp_path):
+    runs = {
+        f"square-{m}": {
+            "method": m,
+            "subject": "square",
+            "learning_rate": 1e-3,
+            "points": {str(s): {"scores": {"subject": s / 1000}} for s in (300, 600)},
+        }
+        for m in ("lily", "lora")
+    }
+    path = tmp_path / "learning_curves.json"
+    path.write_text(json.dumps({"base": {}, "runs": runs}))
+    points = load_learning_curve(path)
+    assert len(points) == 4 and points[0]["steps"] == 300
+    plot = plot_quality_vs_steps(points, tmp_path / "steps.png")
+    assert plot.lines["Lily, square, lr 0.001"] == ([300, 600], pytest.approx([0.3, 0.6]))

@@ -1,0 +1,97 @@
+"""The adapter methods the workbench compares: one entry each (its `--adapter` value, its name for people, the
+training flags that size it to a budget, the budgets the sweep trains it at).
+
+A budget is a LoRA rank: the parameter count of a LoRA of that rank on the same layers (`budget_rank` in the
+records). LoRA is trained at that rank; Lily, DoRA, LoKr and LoHa are sized by `--match_lora_budget` to the largest
+adapter not above it. Adding a method is adding one `Method` to `METHODS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+REFERENCE_BUDGET = 4  # LoRA rank 4: the budget every method is trained at
+
+# Lily's sharing per budget: (stride_A, num_B). At the rank-4 budget, the shape the learning curves used (r = 10
+# on the toy base); below it, the shape with the largest r the budget allows (one A per group of 8 layers, the
+# fewest experts): r = 5 at the rank-1 budget and r = 10 at rank 2, where stride_A 4 / num_B 4 would give r = 2
+# and 5 (tests/toyworld/test_methods.py checks these on the toy base).
+LILY_SHAPES: dict[int, tuple[int, int]] = {1: (8, 2), 2: (8, 2), 4: (4, 4)}
+
+
+def lily_flags(budget: int) -> list[str]:
+    """Lily within the budget, with the sharing of `LILY_SHAPES` (the rank-4 shape for a budget not listed)."""
+    stride_a, num_b = LILY_SHAPES.get(budget, LILY_SHAPES[REFERENCE_BUDGET])
+    return ["--adapter=lily", f"--lily_stride_A={stride_a}", f"--lily_num_B={num_b}", f"--match_lora_budget={budget}"]
+
+
+def lora_flags(budget: int) -> list[str]:
+    """LoRA at rank = budget, alpha = rank (a scale of 1)."""
+    return ["--adapter=lora", f"--rank={budget}", f"--lora_alpha={budget}"]
+
+
+def peft_flags(kind: str) -> Callable[[int], list[str]]:
+    """A peft adapter (DoRA, LoKr, LoHa) sized by the training script to the budget."""
+
+    def flags(budget: int) -> list[str]:
+        return [f"--adapter={kind}", f"--match_lora_budget={budget}"]
+
+    return flags
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter method: `name` is its `--adapter` value, `flags(budget)` its training flags at a budget."""
+
+    name: str
+    display_name: str
+    flags: Callable[[int], list[str]]
+    budgets: tuple[int, ...]
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("lily", "Lily", lily_flags, (1, 2, 4)),
+        Method("lora", "LoRA", lora_flags, (1, 2, 4, 8)),
+        Method("dora", "DoRA", peft_flags("dora"), (REFERENCE_BUDGET,)),
+        Method("lokr", "LoKr", peft_flags("lokr"), (REFERENCE_BUDGET,)),
+        Method("loha", "LoHa", peft_flags("loha"), (REFERENCE_BUDGET,)),
+    )
+}
+
+
+def method_name(method: str) -> str:
+    """'Lily', 'LoRA', ...; an unknown name as given."""
+    return METHODS[method].display_name if method in METHODS else method
+
+
+def get_method(method: str) -> Method:
+    """The method by name; `ValueError` naming the known ones otherwise."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+@functools.cache
+def trainable_adapters() -> tuple[str, ...]:
+    """The `--adapter` values the training script in this checkout accepts (read from its argument parser)."""
+    from lily_diffusion.training.args import build_parser
+
+    parser = build_parser()
+    action = next(action for action in parser._actions if "--adapter" in action.option_strings)
+    return tuple(action.choices or ())
+
+
+def available_methods() -> list[str]:
+    """The methods of `METHODS` the training script can train now (DoRA, LoKr and LoHa need its `--adapter`)."""
+    return [name for name in METHODS if name in trainable_adapters()]
+
+
+def budget_label(budget: int) -> str:
+    """'LoRA r2 (1/2x)': the budget as a LoRA rank and as a fraction of the rank-4 budget."""
+    ratio = budget / REFERENCE_BUDGET
+    fraction = {0.25: "1/4", 0.5: "1/2"}.get(ratio, f"{ratio:g}")
+    return f"LoRA r{budget} ({fraction}x)"
