@@ -57,6 +57,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank; LoRA only).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")
     parser.add_argument(
+        "--prior", action="store_true", help="Prior preservation with class images of the subject's class."
+    )
+    parser.add_argument(
         "--train_flags",
         default="",
         help="More training-script flags, one string (e.g. '--lr_scheduler=cosine --train_text_encoder'); they "
@@ -102,7 +105,8 @@ def run_name(args: argparse.Namespace) -> str:
     rank = f"-r{args.rank}" if args.method == "lora" else (f"-budget{args.rank}" if args.rank != 4 else "")
     alpha = f"-alpha{args.lora_alpha:g}" if args.lora_alpha not in (None, args.rank) else ""
     extra = "".join(f"-{flag.lstrip('-')}" for flag in args.train_flags)
-    return f"{args.subject}-{args.method}{rank}{alpha}-lr{args.learning_rate:g}-seed{args.seed}{extra}"
+    prior = "-prior" if args.prior else ""
+    return f"{args.subject}-{args.method}{rank}{alpha}-lr{args.learning_rate:g}{prior}-seed{args.seed}{extra}"
 
 
 def with_flag(flags: Sequence[str], name: str, value: object | None = None) -> list[str]:
@@ -114,9 +118,15 @@ def with_flag(flags: Sequence[str], name: str, value: object | None = None) -> l
 def run_flags(args: argparse.Namespace, output_dir: Path, subject: Subject) -> list[str]:
     """The benchmark's training flags for this run, saving a checkpoint at every scored step."""
     spec = RunSpec(
-        args.method, args.learning_rate, False, args.seed, max(args.save_steps), subject=subject.name, budget=args.rank
+        args.method,
+        args.learning_rate,
+        args.prior,
+        args.seed,
+        max(args.save_steps),
+        subject=subject.name,
+        budget=args.rank,
     )
-    flags = training_flags(spec, output_dir, output_dir.parent / "class-images")
+    flags = training_flags(spec, output_dir, output_dir.parent / f"class-images-{subject.name}")
     flags = with_flag(flags, "checkpointing_steps", math.gcd(*args.save_steps))
     flags = with_flag(flags, "cache_latents")
     if args.lora_alpha is not None:

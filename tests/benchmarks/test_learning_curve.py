@@ -69,6 +69,11 @@ def test_train_flags_replace_the_benchmarks_own_and_name_the_run(tmp_path):
     flags = run_flags(args, tmp_path / "run", SUBJECTS["star"])
     assert [f for f in flags if f.startswith("--lr_scheduler")] == ["--lr_scheduler=cosine"]
     assert "--train_text_encoder" in flags
+    prior = parse_args(["--subject", "square", "--prior"])
+    assert run_name(prior) == "square-lily-lr0.003-prior-seed0"
+    flags = run_flags(prior, tmp_path / "run", SUBJECTS["square"])
+    assert "--with_prior_preservation" in flags and "--class_prompt=a photo of a square" in flags
+    assert f"--class_data_dir={tmp_path / 'class-images-square'}" in flags
 
 
 def test_refusals(capsys):
