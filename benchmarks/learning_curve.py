@@ -77,6 +77,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--inference_steps", type=int, default=EvalPlan.steps, help="Denoising steps per image.")
     parser.add_argument(
+        "--guidance_scale", type=float, default=EvalPlan.guidance_scale, help="Guidance of the scored images."
+    )
+    parser.add_argument(
         "--work_dir", type=Path, default=WORK_DIR, help=f"Where training runs go (default {WORK_DIR})."
     )
     parser.add_argument(
@@ -92,6 +95,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--save_steps, --rank, --eval_seeds and --inference_steps must be positive")
     if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
         parser.error(f"--learning_rate must be a positive number, not {args.learning_rate}")
+    if not math.isfinite(args.guidance_scale) or not 1.0 <= args.guidance_scale <= 100.0:
+        parser.error(f"--guidance_scale must be a number from 1 to 100, not {args.guidance_scale}")
     args.save_steps = sorted(set(args.save_steps))
     args.train_flags = shlex.split(args.train_flags)
     if any(not flag.startswith("--") for flag in args.train_flags):
@@ -241,7 +246,8 @@ def render_markdown(records: dict[str, dict]) -> str:
             f"\n## {name}\n\n"
             f"{run['max_steps']} steps, lr {run['learning_rate']:g}, {run['params']:,} trainable parameters; "
             f"{run['eval_seeds']} generation seeds x 3 subject prompts and {2 * run['eval_seeds']} class-prompt "
-            f"images per point, {run['inference_steps']} denoising steps.\n"
+            f"images per point, {run['inference_steps']} denoising steps, guidance "
+            f"{run.get('guidance_scale', EvalPlan.guidance_scale):g}.\n"
             f"Training wall time {f'{train_s:.0f} s' if train_s else 'n/a'} "
             f"({run['max_steps'] / train_s if train_s else float('nan'):.1f} steps/s); machine: {run['machine']}.\n\n"
             f"{curve_table(run, records['base'].get(run['subject']))}\n"
@@ -262,8 +268,13 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
     given = list(input_args) if input_args is not None else sys.argv[1:]
     command = f"python -m benchmarks.learning_curve {shlex.join(given)}".strip()
     run = records["runs"].setdefault(name, {"points": {}})
-    scored_with = {key: run.get(key) for key in ("eval_seeds", "inference_steps")}
-    if run["points"] and scored_with != {"eval_seeds": args.eval_seeds, "inference_steps": args.inference_steps}:
+    asked = {
+        "eval_seeds": args.eval_seeds,
+        "inference_steps": args.inference_steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    scored_with = {key: run.get(key, EvalPlan.guidance_scale if key == "guidance_scale" else None) for key in asked}
+    if run["points"] and scored_with != asked:
         raise SystemExit(
             f"error: {name} was scored with {scored_with} in {json_path}; rerun with those settings (or move that "
             "file away to start over)"
@@ -275,6 +286,7 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
         max_steps=max(args.save_steps),
         eval_seeds=args.eval_seeds,
         inference_steps=args.inference_steps,
+        guidance_scale=args.guidance_scale,
         command=command,
         machine=run.get("machine") or machine(),
     )
@@ -287,7 +299,9 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
     pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL_DIR, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     evaluator = ToyEvaluator.load()
-    plan = EvalPlan(seeds=tuple(range(args.eval_seeds)), steps=args.inference_steps)
+    plan = EvalPlan(
+        seeds=tuple(range(args.eval_seeds)), steps=args.inference_steps, guidance_scale=args.guidance_scale
+    )
     if args.subject not in records["base"]:
         records["base"][args.subject] = score(pipe, GridAdapter("base", None, "base", 0), evaluator, plan, subject)
     for step in args.save_steps:
