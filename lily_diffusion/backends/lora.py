@@ -59,6 +59,14 @@ class LoraBackend(AdapterBackend):
         """Whether the adapter is DoRA (`--use_dora`)."""
         return options.use_dora
 
+    def check(self, options: AdapterOptions) -> None:
+        if self.uses_dora(options) and options.train_text_encoder:
+            raise AdapterError(
+                "DoRA with --train_text_encoder is not supported: diffusers' load_lora_weights leaves out the text "
+                "encoders' DoRA magnitudes (transformers 5 names them otherwise), so the saved file would not load "
+                "as trained; train DoRA on the UNet only, or train_text_encoder with another adapter"
+            )
+
     def config_at(self, options: AdapterOptions, targets: Targets, rank: int) -> LoraConfig:
         """The peft config at `rank` (alpha: --lora_alpha, else the rank)."""
         return LoraConfig(
