@@ -242,5 +242,10 @@ def unload_lycoris_weights(pipeline: StableDiffusionXLPipeline, adapter_name: st
         for layer in layers:
             if adapter_name in layer._get_available_adapters():
                 layer.delete_adapter(adapter_name)
+        configs = getattr(model, "peft_config", None)
+        if isinstance(configs, dict):  # what peft's inject recorded on the model
+            configs.pop(adapter_name, None)
+            if not configs:
+                del model.peft_config
         if layers and not any(layer._get_available_adapters() for layer in layers):
             recurse_remove_peft_layers(model)

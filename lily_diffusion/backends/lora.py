@@ -60,6 +60,11 @@ class LoraBackend(AdapterBackend):
         return options.use_dora
 
     def check(self, options: AdapterOptions) -> None:
+        if self.uses_dora(options) and options.output_kohya_format:
+            raise AdapterError(
+                "--output_kohya_format is not supported with DoRA: diffusers' Kohya conversion leaves the DoRA "
+                "magnitudes under their peft names, so Kohya tools would not read them"
+            )
         if self.uses_dora(options) and options.train_text_encoder:
             raise AdapterError(
                 "DoRA with --train_text_encoder is not supported: diffusers' load_lora_weights leaves out the text "

@@ -58,8 +58,10 @@ def trained(request, run_main, tiny_sdxl_path, subject_dir, tmp_path_factory) ->
     run_main([
         *common_args(tiny_sdxl_path, subject_dir), *KIND_FLAGS[kind], "--output_dir", out, "--max_train_steps", "4",
         *(["--text_encoder_lr", "1e-2"] if "--train_text_encoder" in KIND_FLAGS[kind] else []),
-        "--report_to", "tensorboard",
+        "--report_to", "tensorboard", "--validation_prompt", PROMPT, "--num_validation_images", "1",
+        "--num_validation_inference_steps", "2",
     ])  # fmt: skip
+    assert (out / "validation" / "final.png").is_file()  # drawn with the saved file loaded into a fresh pipeline
     assert folder_digest(tiny_sdxl_path) == before  # the base model is read, never written
     return kind, out
 
@@ -111,7 +113,7 @@ def test_trains_saves_and_loads_like_the_trained_model(trained, tiny_sdxl_path):
     assert f"- {kind}\n" in card and f"DreamBooth {backend.display_name} adapter" in card and load in card
 
 
-def test_lily_grid_column_picks_the_kind_and_leaves_the_base(trained, tiny_sdxl_path):
+def test_lily_grid_column_picks_the_kind_and_leaves_the_base(trained, tiny_sdxl_path, tmp_path):
     kind, out = trained
     adapter = describe_adapter(kind, out)
     assert adapter.kind == kind and adapter.num_parameters == sum(
@@ -124,15 +126,28 @@ def test_lily_grid_column_picks_the_kind_and_leaves_the_base(trained, tiny_sdxl_
     after = generate_for_adapter(pipe, BASE, **column)
     assert np.array_equal(np.asarray(before[0]), np.asarray(after[0]))  # unloaded: the base model again
     assert not np.array_equal(np.asarray(with_adapter[0]), np.asarray(before[0]))
+    grid = tmp_path / "grid.png"
+    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl_path), "--adapter", f"{kind}={out}", "--prompt", PROMPT]
+    assert grid_main([*argv, "--seed", "0", "--num_inference_steps", "2", "--output", str(grid)]) == 0
+    assert grid.is_file()
 
 
-def test_dora_with_text_encoders_is_refused_before_any_work(tiny_sdxl_path, subject_dir, tmp_path, run_main):
-    """diffusers' load_lora_weights would drop the text encoders' DoRA magnitudes: the file would not load as
-    trained, so the combination is refused in one sentence, for both spellings, before anything is written."""
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--train_text_encoder", "DoRA with --train_text_encoder is not supported"),
+        ("--output_kohya_format", "--output_kohya_format is not supported with DoRA"),
+    ],
+)
+def test_dora_combinations_diffusers_cannot_save_are_refused(
+    tiny_sdxl_path, subject_dir, tmp_path, run_main, flag, message
+):
+    """diffusers' load_lora_weights would drop the text encoders' DoRA magnitudes, and its Kohya conversion keeps
+    peft's magnitude names: refused in one sentence, for both spellings, before anything is written."""
     for flags in (["--adapter", "dora"], ["--adapter", "lora", "--use_dora"]):
         out = tmp_path / flags[1]
-        with pytest.raises(pytest.fail.Exception, match=r"DoRA with --train_text_encoder is not supported"):
-            run_main([*common_args(tiny_sdxl_path, subject_dir), *flags, "--train_text_encoder", "--output_dir", out])
+        with pytest.raises(pytest.fail.Exception, match=message):
+            run_main([*common_args(tiny_sdxl_path, subject_dir), *flags, flag, "--output_dir", out])
         assert not out.exists()
 
 
