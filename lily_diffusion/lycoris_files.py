@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .patterns import shorten
-from .serialization import COMPONENTS, check_finite, write_atomically
+from .serialization import COMPONENTS, write_atomically
 
 FORMAT = "lily_diffusion.lycoris"
 CONFIG_KEY_PREFIX = "config."
@@ -140,12 +140,21 @@ def read_lycoris_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Lyco
                 raise LycorisFileError(f"{path} has {component} tensors but no '{CONFIG_KEY_PREFIX}{component}'.")
             continue
         config = parse_config(kind, text, f"{path}: the {component} config")
-        check_finite(own, f"the {component} adapter")
+        check_values(own, f"{path} ({component})")
         components[component] = LycorisComponent(config, own)
     stray = sorted(key for key in tensors if not key.startswith(tuple(f"{c}." for c in components)))
     if stray or not components:
         raise LycorisFileError(f"{path} has tensors outside its components, or no component: {shorten(stray)}.")
     return kind, components
+
+
+def check_values(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Every tensor floating point and finite (in float32, the trained precision); LycorisFileError otherwise."""
+    for key, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point or not torch.isfinite(tensor.to(torch.float32)).all():
+            raise LycorisFileError(
+                f"{where}: tensor {shorten(key)} is not floating point or holds NaN or infinity (a diverged run?)."
+            )
 
 
 def adapted_layers(kind: str, tensors: Mapping[str, torch.Tensor], where: str) -> list[str]:

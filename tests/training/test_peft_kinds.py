@@ -187,6 +187,9 @@ def corrupt(source: Path, target: Path, change: str) -> Path:
     elif change == "shape":
         key = next(k for k in tensors if k.startswith("unet."))
         tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
+    elif change == "nan":
+        key = next(k for k in tensors if k.startswith("unet."))
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
     elif change == "layer":
         key = next(k for k in tensors if k.startswith("unet.") and ".to_q." in k)
         tensors[key.replace(".to_q.", ".no_such_layer.")] = tensors.pop(key)
@@ -196,7 +199,7 @@ def corrupt(source: Path, target: Path, change: str) -> Path:
 
 
 @pytest.mark.parametrize("trained", ["lokr", "loha"], indirect=True)
-@pytest.mark.parametrize("change", ["json", "field", "rank", "type", "shape", "layer"])
+@pytest.mark.parametrize("change", ["json", "field", "rank", "type", "shape", "nan", "layer"])
 def test_malformed_files_are_refused_in_one_line(trained, tiny_sdxl_path, tmp_path, change, capsys):
     kind, out = trained
     bad = corrupt(out / get_backend(kind).weight_name, tmp_path / "bad" / get_backend(kind).weight_name, change)
