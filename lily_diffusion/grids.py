@@ -1,7 +1,8 @@
 """Labelled comparison grids: one image per (prompt, seed, adapter), rows = prompt x seed, columns = adapters.
 
-Works the same on the real SDXL pipeline and the bundled toy one. Lily files load with
-`load_lily_weights`, LoRA files with diffusers' `pipe.load_lora_weights`; the base model is a column too.
+Works the same on the real SDXL pipeline and the bundled toy one. Each file's kind is found by the adapter
+backends' `detect`: Lily files load with `load_lily_weights`, LoRA and DoRA files with diffusers'
+`pipe.load_lora_weights`, LoKr and LoHa files with `load_lycoris_weights`; the base model is a column too.
 """
 
 from __future__ import annotations
@@ -23,16 +24,22 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backends import BACKENDS
 from .images import generate, labelled_grid
-from .lora_files import LORA_WEIGHT_NAME, is_lora_file
+from .lora_files import LORA_WEIGHT_NAME
+from .lycoris_files import WEIGHT_NAMES as LYCORIS_WEIGHT_NAMES
+from .lycoris_files import LycorisFileError, load_lycoris_weights, unload_lycoris_weights
 from .messages import one_line
 from .patterns import shorten
 from .pipeline import check_lily_weights, load_lily_weights, unload_lily_weights
-from .serialization import COMPONENTS, FORMAT, WEIGHTS_NAME
+from .serialization import COMPONENTS, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 GRID_ADAPTER_NAME = "grid"  # the name each adapter is loaded under while its column is generated
+WEIGHT_FILE_NAMES = (WEIGHTS_NAME, LORA_WEIGHT_NAME, *LYCORIS_WEIGHT_NAMES.values())  # looked for in a folder
+DIFFUSERS_KINDS = ("lora", "dora")  # loaded by diffusers' load_lora_weights
+LYCORIS_KINDS = tuple(LYCORIS_WEIGHT_NAMES)  # loaded by load_lycoris_weights
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -43,7 +50,7 @@ class GridAdapter:
 
     name: str
     path: Path | None
-    kind: str  # "base", "lily" or "lora"
+    kind: str  # "base", or an adapter kind: "lily", "lora", "dora", "lokr", "loha"
     num_parameters: int
 
     @property
@@ -52,20 +59,21 @@ class GridAdapter:
 
 
 def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdapter:
-    """Find the weights file, tell Lily from LoRA by its metadata, count its parameters.
+    """Find the weights file, tell its kind (Lily, LoRA, DoRA, LoKr, LoHa) by the backends' `detect`, count its
+    parameters.
 
     Only safetensors files are read (a pickle file can run code); `ValueError` or `FileNotFoundError`
     in one line for anything else.
     """
     path = Path(path_or_dir)
     if path.is_dir():
-        candidates = [path / WEIGHTS_NAME, path / LORA_WEIGHT_NAME]
+        candidates = [path / name for name in WEIGHT_FILE_NAMES]
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         pickles = sorted(p.name for p in Path(path_or_dir).glob("*.bin")) if Path(path_or_dir).is_dir() else []
         hint = f"; found {', '.join(pickles)}, but pickle files are not loaded (they can run code)" if pickles else ""
         raise FileNotFoundError(
-            f"No adapter weights at {path_or_dir} (looked for {WEIGHTS_NAME}, {LORA_WEIGHT_NAME}){hint}."
+            f"No adapter weights at {path_or_dir} (looked for {', '.join(WEIGHT_FILE_NAMES)}){hint}."
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -77,22 +85,20 @@ def describe_adapter(name: str, path_or_dir: str | os.PathLike[str]) -> GridAdap
             f"{path} is not a readable safetensors file ({one_line(error)}); lily-grid reads only safetensors "
             "adapters (a truncated download, or a pickle .bin/.pt file, which is never loaded since it can run code)."
         ) from None
-    if metadata.get("format") == FORMAT:
-        kind = "lily"
-    elif is_lora_file(keys):
-        kind = "lora"
-        if path.suffix != ".safetensors":  # diffusers would look for a pickle file under any other name
-            raise ValueError(f"{path} is a LoRA file without the .safetensors suffix diffusers needs; rename it.")
-    else:
-        raise ValueError(f"{path} is neither a lily_diffusion file nor a diffusers LoRA file.")
-    return GridAdapter(name, path, kind, count)
+    kinds = [kind for kind, backend in BACKENDS.items() if backend.detect(metadata, keys)]
+    if len(kinds) != 1:
+        raise ValueError(f"{path} is neither a lily_diffusion file (Lily, LoKr, LoHa) nor a diffusers LoRA file.")
+    if kinds[0] in DIFFUSERS_KINDS and path.suffix != ".safetensors":  # diffusers would look for a pickle file
+        raise ValueError(f"{path} is a LoRA file without the .safetensors suffix diffusers needs; rename it.")
+    return GridAdapter(name, path, kinds[0], count)
 
 
 def check_adapter_fits(pipe: StableDiffusionXLPipeline, adapter: GridAdapter) -> None:
     """Check that `adapter` loads into `pipe` as it will for its column; the pipeline is left as it was.
 
-    Lily files get every check of `load_lily_weights`. LoRA files are loaded by diffusers and unloaded
-    again, and every LoRA weight in the file must have found a module of the pipeline.
+    Lily files get every check of `load_lily_weights`; LoKr and LoHa files every check of `load_lycoris_weights`
+    (they are loaded and unloaded again). LoRA and DoRA files are loaded by diffusers and unloaded again, and every
+    weight in the file must have found a module of the pipeline.
     """
     where = f"adapter {adapter.name!r} ({adapter.path})"
     if adapter.kind == "lily":
@@ -101,7 +107,15 @@ def check_adapter_fits(pipe: StableDiffusionXLPipeline, adapter: GridAdapter) ->
         except (FileNotFoundError, ValueError) as error:
             raise ValueError(f"{where} does not fit the base model: {error}") from None
         return
-    if adapter.kind != "lora":
+    if adapter.kind in LYCORIS_KINDS:
+        try:
+            load_lycoris_weights(pipe, adapter.path, adapter_name=GRID_ADAPTER_NAME)
+        except (FileNotFoundError, LycorisFileError) as error:
+            raise ValueError(f"{where} does not fit the base model: {error}") from None
+        finally:
+            unload_lycoris_weights(pipe, GRID_ADAPTER_NAME)
+        return
+    if adapter.kind not in DIFFUSERS_KINDS:
         return
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(logging.CRITICAL)  # its page-long error log would repeat our one line
@@ -160,8 +174,10 @@ def generate_for_adapter(
     """Images for every (prompt, seed) in row order; one pipeline call per prompt with all seeds batched."""
     if adapter.kind == "lily":
         load_lily_weights(pipe, adapter.path, adapter_name=GRID_ADAPTER_NAME)
-    elif adapter.kind == "lora":
+    elif adapter.kind in DIFFUSERS_KINDS:
         _load_lora(pipe, adapter)
+    elif adapter.kind in LYCORIS_KINDS:
+        load_lycoris_weights(pipe, adapter.path, adapter_name=GRID_ADAPTER_NAME)
     try:
         pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
         return generate(
@@ -176,8 +192,10 @@ def generate_for_adapter(
     finally:
         if adapter.kind == "lily":
             unload_lily_weights(pipe, GRID_ADAPTER_NAME)
-        elif adapter.kind == "lora":
+        elif adapter.kind in DIFFUSERS_KINDS:
             pipe.unload_lora_weights()
+        elif adapter.kind in LYCORIS_KINDS:
+            unload_lycoris_weights(pipe, GRID_ADAPTER_NAME)
 
 
 def comparison_grid(
@@ -209,7 +227,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="An adapter file or folder (Lily or LoRA, safetensors), repeatable.",
+        help="An adapter file or folder (Lily, LoRA, DoRA, LoKr or LoHa; safetensors), repeatable.",
     )
     parser.add_argument("--no_base", action="store_true", help="Leave out the base model's column.")
     parser.add_argument("--prompt", action="append", required=True, help="A prompt (a row per seed), repeatable.")

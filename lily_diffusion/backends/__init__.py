@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from .base import ADAPTER_NAME, AdapterBackend, AdapterError, AdapterOptions
 from .lily import LilyBackend
-from .lora import LoraBackend
+from .lora import DoraBackend, LoraBackend
+from .lycoris import LohaBackend, LokrBackend
 
-BACKENDS: dict[str, AdapterBackend] = {backend.kind: backend for backend in (LilyBackend(), LoraBackend())}
+BACKENDS: dict[str, AdapterBackend] = {
+    backend.kind: backend for backend in (LilyBackend(), LoraBackend(), DoraBackend(), LokrBackend(), LohaBackend())
+}
 DEFAULT_ADAPTER = LilyBackend.kind
-ALL_WEIGHT_NAMES: tuple[str, ...] = tuple(name for backend in BACKENDS.values() for name in backend.file_names)
+ALL_WEIGHT_NAMES: tuple[str, ...] = tuple(
+    dict.fromkeys(name for backend in BACKENDS.values() for name in backend.file_names)
+)
 
 
 def get_backend(kind: str) -> AdapterBackend:

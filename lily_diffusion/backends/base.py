@@ -42,6 +42,8 @@ class AdapterOptions:
     lora_alpha: int | None = None
     lora_dropout: float = 0.0
     use_dora: bool = False
+    lokr_decompose_factor: int = -1
+    lokr_decompose_both: bool = False
     output_kohya_format: bool = False
     train_text_encoder: bool = False
 
@@ -59,8 +61,8 @@ class AdapterBackend(ABC):
     weight_name: ClassVar[str]  # the file the final weights (and every checkpoint's) are written to
     file_names: ClassVar[tuple[str, ...]]  # every file a run of this kind may leave in --output_dir
     setting_flags: ClassVar[tuple[str, ...]] = ()  # flags only this kind reads (ignored, with a warning, by others)
-    exclusive_flags: ClassVar[tuple[str, ...]] = ()  # flags that make no sense with another kind (refused there)
-    takes_lora_settings: ClassVar[bool] = False  # reads --rank, --lora_alpha, --lora_dropout (refused by the others)
+    exclusive_flags: ClassVar[tuple[str, ...]] = ()  # flags only the kinds listing them take (refused elsewhere)
+    lora_settings: ClassVar[tuple[str, ...]] = ()  # which of --rank, --lora_alpha, --lora_dropout it reads
 
     def check(self, options: AdapterOptions) -> None:  # noqa: B027 (optional hook: most kinds need no check)
         """Cheap checks of the settings before any model is read; raises AdapterError."""

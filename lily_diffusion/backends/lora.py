@@ -1,8 +1,13 @@
-"""LoRA (or DoRA) through peft and diffusers: `add_adapter(LoraConfig)`, saved with `save_lora_weights`."""
+"""LoRA and DoRA through peft and diffusers: `add_adapter(LoraConfig)`, saved with `save_lora_weights`.
+
+`--adapter dora` is `--adapter lora --use_dora` (same config, same weights for the same seed); its files are told
+from LoRA's by their DoRA magnitude vectors.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,11 +28,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..budget import count_lora_parameters
+from ..budget import count_lora_parameters, count_peft_parameters, peft_rank_for_lora_budget
 from ..config import LilyConfig
 from ..lora_files import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, is_lora_file
 from ..messages import first_line, is_out_of_memory
 from .base import ADAPTER_NAME, AdapterBackend, AdapterError, AdapterOptions, Targets, copy_targets
+
+logger = logging.getLogger(__name__)
+
+
+DORA_KEYS = ("lora_magnitude_vector", "dora_scale")  # DoRA's magnitudes: diffusers/peft and Kohya names
+
+
+def is_dora_file(keys: Sequence[str]) -> bool:
+    """True when a LoRA file's keys hold DoRA magnitude vectors."""
+    return any(marker in key for key in keys for marker in DORA_KEYS)
 
 
 class LoraBackend(AdapterBackend):
@@ -37,18 +52,52 @@ class LoraBackend(AdapterBackend):
     display_name = "LoRA"
     weight_name = LORA_WEIGHT_NAME
     file_names = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
-    takes_lora_settings = True
+    lora_settings = ("rank", "lora_alpha", "lora_dropout")
     exclusive_flags = ("use_dora", "output_kohya_format")
 
-    def add(self, model: nn.Module, targets: Targets, options: AdapterOptions, label: str) -> list[nn.Parameter]:
-        config = LoraConfig(
-            r=options.rank,
-            lora_alpha=options.lora_alpha if options.lora_alpha is not None else options.rank,
+    def uses_dora(self, options: AdapterOptions) -> bool:
+        """Whether the adapter is DoRA (`--use_dora`)."""
+        return options.use_dora
+
+    def check(self, options: AdapterOptions) -> None:
+        if self.uses_dora(options) and options.output_kohya_format:
+            raise AdapterError(
+                "--output_kohya_format is not supported with DoRA: diffusers' Kohya conversion leaves the DoRA "
+                "magnitudes under their peft names, so Kohya tools would not read them"
+            )
+        if self.uses_dora(options) and options.train_text_encoder:
+            raise AdapterError(
+                "DoRA with --train_text_encoder is not supported: diffusers' load_lora_weights leaves out the text "
+                "encoders' DoRA magnitudes (transformers 5 names them otherwise), so the saved file would not load "
+                "as trained; train DoRA on the UNet only, or train_text_encoder with another adapter"
+            )
+
+    def config_at(self, options: AdapterOptions, targets: Targets, rank: int) -> LoraConfig:
+        """The peft config at `rank` (alpha: --lora_alpha, else the rank)."""
+        return LoraConfig(
+            r=rank,
+            lora_alpha=options.lora_alpha if options.lora_alpha is not None else rank,
             lora_dropout=options.lora_dropout,
-            use_dora=options.use_dora,
+            use_dora=self.uses_dora(options),
             init_lora_weights="gaussian",
             target_modules=copy_targets(targets),
         )
+
+    def rank_for(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:
+        """--rank, or with --match_lora_budget the largest rank within that LoRA rank's parameter count."""
+        if options.match_lora_budget is None:
+            return options.rank
+        scope = LilyConfig(target_modules=copy_targets(targets))
+        try:
+            return peft_rank_for_lora_budget(
+                model, options.match_lora_budget, lambda rank: self.config_at(options, targets, rank), scope
+            )
+        except ValueError as err:
+            raise AdapterError(f"--match_lora_budget {options.match_lora_budget}: {first_line(err)}") from err
+
+    def add(self, model: nn.Module, targets: Targets, options: AdapterOptions, label: str) -> list[nn.Parameter]:
+        rank = self.rank_for(model, targets, options)
+        config = self.config_at(options, targets, rank)
         try:
             if isinstance(model, ModelMixin):
                 model.add_adapter(config)
@@ -56,15 +105,23 @@ class LoraBackend(AdapterBackend):
                 inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
                 model.peft_config = {ADAPTER_NAME: config}  # as add_adapter records it; the saved metadata reads it
         except (ValueError, TypeError) as err:
-            raise AdapterError(f"cannot add LoRA: {first_line(err)}") from err
+            raise AdapterError(f"cannot add {self.display_name}: {first_line(err)}") from err
         except (RuntimeError, MemoryError) as err:
             if not is_out_of_memory(err):
                 raise
-            raise AdapterError(f"not enough memory for a LoRA of rank {options.rank}: {first_line(err)}") from err
-        return [p for p in model.parameters() if p.requires_grad]
+            raise AdapterError(
+                f"not enough memory for a {self.display_name} of rank {rank}: {first_line(err)}"
+            ) from err
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        logger.info(f"{label}: {self.display_name} rank {rank}, {sum(p.numel() for p in parameters):,} parameters")
+        return parameters
 
     def count_parameters(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:
-        return count_lora_parameters(model, options.rank, LilyConfig(target_modules=copy_targets(targets)))
+        scope = LilyConfig(target_modules=copy_targets(targets))
+        rank = self.rank_for(model, targets, options)
+        if not self.uses_dora(options):
+            return count_lora_parameters(model, rank, scope)
+        return count_peft_parameters(model, self.config_at(options, targets, rank), scope)
 
     def save(self, directory: Path, models: Mapping[str, nn.Module]) -> Path:
         # diffusers writes in place: write into a temporary folder beside it, then rename, so that a failed or
@@ -99,14 +156,19 @@ class LoraBackend(AdapterBackend):
 
     def describe_file(self, path: Path, options: AdapterOptions) -> tuple[int, dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:  # the header only, no tensor loaded
-            count = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
-        return count, {"LoRA": json.dumps({"rank": options.rank})}
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
+        count = sum(math.prod(shape) for shape in shapes.values())
+        ranks = sorted(
+            {shape[0] for key, shape in shapes.items() if key.endswith(("lora_A.weight", "lora.down.weight"))}
+        )
+        rank = ranks[0] if len(ranks) == 1 else ranks  # the rank --match_lora_budget picked, as saved
+        return count, {self.display_name: json.dumps({"rank": rank})}
 
     def load_code(self, load_from: str) -> tuple[str, str]:
         return "", f"pipe.load_lora_weights({load_from!r})"
 
     def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
-        return is_lora_file(keys)
+        return is_lora_file(keys) and not is_dora_file(keys)
 
     def output_names(self, options: AdapterOptions) -> list[str]:
         return [LORA_WEIGHT_NAME] + ([KOHYA_WEIGHT_NAME] if options.output_kohya_format else [])
@@ -115,6 +177,20 @@ class LoraBackend(AdapterBackend):
         self.save(directory, models)
         if options.output_kohya_format:
             write_kohya_copy(directory)
+
+
+class DoraBackend(LoraBackend):
+    """peft DoRA: `--adapter lora --use_dora` under its own name (same weights, same file name and loading)."""
+
+    kind = "dora"
+    display_name = "DoRA"
+    exclusive_flags = ("use_dora", "output_kohya_format", "match_lora_budget")
+
+    def uses_dora(self, options: AdapterOptions) -> bool:
+        return True
+
+    def detect(self, metadata: Mapping[str, str], keys: Sequence[str]) -> bool:
+        return is_lora_file(keys) and is_dora_file(keys)
 
 
 def _save_lora_weights(directory: Path, models: Mapping[str, nn.Module]) -> None:

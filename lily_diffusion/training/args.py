@@ -207,12 +207,27 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="RANK",
-        help="Pick the largest Lily r whose parameter count is not above LoRA at this rank (default: off).",
+        help="Pick the largest Lily r (or DoRA, LoKr, LoHa rank) whose parameter count is not above LoRA at this "
+        "rank (default: off).",
     )
-    g.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4; an error with --adapter lily).")
-    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: --rank).")
-    g.add_argument("--lora_dropout", type=float, default=None, help="LoRA dropout (default 0).")
-    g.add_argument("--use_dora", action="store_true", help="Train DoRA instead of LoRA (with --adapter lora).")
+    g.add_argument(
+        "--rank", type=int, default=None, help="LoRA/DoRA/LoKr/LoHa rank (default 4; an error with --adapter lily)."
+    )
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA/DoRA/LoKr/LoHa alpha (default: the rank).")
+    g.add_argument("--lora_dropout", type=float, default=None, help="LoRA/DoRA dropout (default 0).")
+    g.add_argument(
+        "--use_dora", action="store_true", help="Train DoRA instead of LoRA (with --adapter lora; as --adapter dora)."
+    )
+    g.add_argument(
+        "--lokr_decompose_factor",
+        type=int,
+        default=-1,
+        help="LoKr: split each dimension as (factor, dim/factor); -1 splits it near its square root (peft's "
+        "decompose_factor).",
+    )
+    g.add_argument(
+        "--lokr_decompose_both", action="store_true", help="LoKr: make the small Kronecker factor low-rank too."
+    )
     g.add_argument(
         "--output_kohya_format", action="store_true", help="Also write the LoRA in Kohya format (with --adapter lora)."
     )
@@ -346,7 +361,7 @@ def build_parser() -> OneLineArgumentParser:
     """The parser with every flag of the script."""
     parser = OneLineArgumentParser(
         prog="train_dreambooth_lily.py",
-        description="DreamBooth for SDXL with Lily (or LoRA) adapters, under accelerate.",
+        description="DreamBooth for SDXL with Lily (or LoRA, DoRA, LoKr, LoHa) adapters, under accelerate.",
         formatter_class=DefaultsHelpFormatter,
     )
     for add in (
@@ -496,6 +511,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in non_negative:
         _check_float(name, getattr(args, name), 0.0, "non-negative number")
     _check_float("lily_scaling", args.lily_scaling)
+    if args.lokr_decompose_factor == 0 or args.lokr_decompose_factor < -1:
+        raise TrainingError(f"--lokr_decompose_factor must be -1 or at least 1, got {args.lokr_decompose_factor}")
     if args.lily_scaling == 0 and "lily_scaling" in BACKENDS[args.adapter].setting_flags:
         raise TrainingError("--lily_scaling 0 switches the adapter off: nothing would train (and no gradient exists)")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
@@ -509,13 +526,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_choices(args: argparse.Namespace) -> None:
     defaults = flag_defaults()
-    for kind, backend in BACKENDS.items():
-        flags = backend.exclusive_flags
-        if kind != args.adapter and any(getattr(args, name) != defaults[name] for name in flags):
-            names = " and ".join(f"--{name}" for name in flags)
-            raise TrainingError(f"{names} need{'s' if len(flags) == 1 else ''} --adapter {kind}")
+    for flag in dict.fromkeys(f for backend in BACKENDS.values() for f in backend.exclusive_flags):
+        kinds = [kind for kind, backend in BACKENDS.items() if flag in backend.exclusive_flags]
+        if args.adapter not in kinds and getattr(args, flag) != defaults[flag]:
+            raise TrainingError(
+                f"--{flag} needs --adapter {', '.join(kinds[:-1])}{' or ' * (len(kinds) > 1)}{kinds[-1]}"
+            )
     check_step_rules(args.lr_scheduler, args.lr_step_rules)
-    check_lora_flags(vars(args), BACKENDS[args.adapter].takes_lora_settings)
+    check_lora_flags(vars(args), args.adapter, BACKENDS[args.adapter].lora_settings)
     for name, value in lora_defaults(vars(args)).items():
         setattr(args, name, value)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:

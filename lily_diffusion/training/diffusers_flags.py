@@ -1,7 +1,8 @@
 """Flags that mean what they mean in diffusers' `train_dreambooth_lora_sdxl.py`, checked in one place.
 
-- `--rank`, `--lora_alpha`, `--lora_dropout` are LoRA settings: with `--adapter lily` they are an
-  error (not silently ignored); `--match_lora_budget RANK` is the way to size Lily after a LoRA rank.
+- `--rank`, `--lora_alpha`, `--lora_dropout` are LoRA settings (DoRA's too; LoKr and LoHa read `--rank` and
+  `--lora_alpha`): with `--adapter lily` they are an error (not silently ignored); `--match_lora_budget RANK` is
+  the way to size Lily (or DoRA, LoKr, LoHa) after a LoRA rank.
 - `--lr_scheduler piecewise_constant` takes diffusers' step rules (`--lr_step_rules`), e.g.
   `1:100,0.1:200,0.01`: multiplier 1 before step 100, 0.1 before step 200, then 0.01. Steps count
   optimizer steps, as in a single-process run, whatever the number of processes.
@@ -18,15 +19,23 @@ LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout")
 LORA_DEFAULTS = {"rank": 4, "lora_dropout": 0.0}  # diffusers' defaults; lora_alpha defaults to the rank
 
 
-def check_lora_flags(flags: Mapping[str, object], takes_lora_settings: bool) -> None:
-    """LoRA-only flags given with an adapter that does not take them (Lily) are an error (one sentence)."""
-    given = [f"--{name}" for name in LORA_FLAGS if flags[name] is not None]
-    if given and not takes_lora_settings:
+def check_lora_flags(flags: Mapping[str, object], kind: str, accepted: tuple[str, ...]) -> None:
+    """LoRA flags given with an adapter kind that does not read them are an error (one sentence): all of them with
+    Lily, `--lora_dropout` with LoKr and LoHa (peft's have no input dropout); `--rank` with --match_lora_budget."""
+    given = [f"--{name}" for name in LORA_FLAGS if flags[name] is not None and name not in accepted]
+    if given and not accepted:
         raise TrainingError(
             f"{', '.join(given)} {'is a LoRA setting' if len(given) == 1 else 'are LoRA settings'} with no Lily "
             "equivalent: size Lily with --lily_r (or --match_lora_budget RANK for the largest Lily not above a "
             "rank-RANK LoRA's parameter count), or train --adapter lora"
         )
+    if given:
+        raise TrainingError(
+            f"{', '.join(given)} does not apply to --adapter {kind} (peft's {kind} has no input dropout; it takes "
+            f"{', '.join(f'--{name}' for name in accepted)})"
+        )
+    if flags["rank"] is not None and flags.get("match_lora_budget") is not None:
+        raise TrainingError("--rank and --match_lora_budget both set the rank: give one of them")
 
 
 def lora_defaults(flags: Mapping[str, object]) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_dreambooth_lily.py"
 
 CliRunner = Callable[..., subprocess.CompletedProcess]
+MainRunner = Callable[[Sequence[object]], None]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -131,6 +133,23 @@ def run_cli(hf_home: Path) -> CliRunner:
             command += [str(SCRIPT)]
         command = [*prefix, *command, *(str(a) for a in args)]  # prefix: e.g. prlimit or setpriv
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_main() -> MainRunner:
+    """Run the training script's `main` in this process (its flags parsed as on the command line): seconds
+    instead of a subprocess's import time; a failed run fails the test with the script's one-line error."""
+    spec = importlib.util.spec_from_file_location("train_dreambooth_lily", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(args: Sequence[object]) -> None:
+        try:
+            script.main(script.parse_options([str(a) for a in args]))
+        except SystemExit as exit_:
+            pytest.fail(f"training failed: {exit_}")
 
     return run
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lily_diffusion import load_lily_weights
+from lily_diffusion.backends import get_backend
 
 PROMPT = "a photo of sks square"
 
@@ -157,26 +159,42 @@ def _train(run_cli, args: list, out: Path, steps: int, extra: tuple = ()) -> Non
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_checkpoint_limit_and_resume_give_the_same_weights(run_cli, base_args, lily_args, subject_dir, tmp_path):
+# Each adapter kind with small settings (LoKr split 2 x 32 on the tiny model's 64-wide layers: a low-rank w2).
+KIND_FLAGS = {
+    "lora": ["--adapter", "lora", "--rank", "2"],
+    "dora": ["--adapter", "dora", "--rank", "2"],
+    "lokr": ["--adapter", "lokr", "--rank", "3", "--lokr_decompose_factor", "2"],
+    "loha": ["--adapter", "loha", "--rank", "2"],
+}
+
+
+@pytest.mark.parametrize("kind", ["lily", *KIND_FLAGS])
+def test_checkpoint_limit_and_resume_give_the_same_weights(
+    run_main, base_args, lily_args, subject_dir, tmp_path, kind
+):
+    """Six steps straight, or three, then three more resumed from the checkpoint: the same weights, for each kind
+    (in-process runs: the subprocess path is covered by the other tests)."""
     args = [
-        *base_args, *lily_args, "--instance_data_dir", subject_dir, "--instance_prompt", PROMPT,
+        *base_args, *(lily_args if kind == "lily" else KIND_FLAGS[kind]),
+        "--instance_data_dir", subject_dir, "--instance_prompt", PROMPT,
         "--learning_rate", "1e-2", "--random_flip", "--train_batch_size", "1", "--checkpointing_steps", "3",
     ]  # fmt: skip
+    weight_name = get_backend(kind).weight_name
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(run_cli, args, straight, 6, ("--checkpoints_total_limit", "1"))
+    run_main([*args, "--output_dir", straight, "--max_train_steps", "6", "--checkpoints_total_limit", "1"])
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-6"]  # checkpoint-3 was pruned
-    _train(run_cli, args, resumed, 3)
+    run_main([*args, "--output_dir", resumed, "--max_train_steps", "3"])
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-3"]
-    at_three = load_file(str(resumed / "checkpoint-3" / "pytorch_lily_weights.safetensors"))
-    _train(run_cli, args, resumed, 6, ("--resume_from_checkpoint", "latest"))
+    at_three = load_file(str(resumed / "checkpoint-3" / weight_name))
+    run_main([*args, "--output_dir", resumed, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
 
-    a = load_file(str(straight / "pytorch_lily_weights.safetensors"))
-    b = load_file(str(resumed / "pytorch_lily_weights.safetensors"))
+    a = load_file(str(straight / weight_name))
+    b = load_file(str(resumed / weight_name))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        assert torch.equal(a[key], b[key]), key  # bit for bit
     assert max((a[k] - at_three[k]).abs().max() for k in a) > 1e-4  # steps 4-6 really trained
-    checkpoint = load_file(str(straight / "checkpoint-6" / "pytorch_lily_weights.safetensors"))
+    checkpoint = load_file(str(straight / "checkpoint-6" / weight_name))
     assert all(torch.equal(checkpoint[k], a[k]) for k in a)
 
 
