@@ -8,15 +8,14 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from lily_diffusion import LilyConfig, count_lily_parameters, count_lora_parameters, lily_config_for_lora_budget
+from lily_diffusion.backends import BACKENDS
 from lily_diffusion.training.args import parse_args
 from toyworld.methods import (
     LILY_SHAPES,
     METHODS,
-    available_methods,
     budget_label,
     get_method,
     method_name,
-    trainable_adapters,
 )
 from toyworld.paths import BASE_MODEL_DIR
 
@@ -34,7 +33,7 @@ def test_each_method_is_one_entry_with_its_flags_per_budget():
         "--match_lora_budget=1",
     ]
     assert get_method("lily").flags(4)[1:3] == ["--lily_stride_A=4", "--lily_num_B=4"]
-    assert get_method("lokr").flags(4) == ["--adapter=lokr", "--match_lora_budget=4"]
+    assert get_method("lokr").flags(4) == ["--adapter=lokr", "--lokr_decompose_factor=4", "--match_lora_budget=4"]
     assert method_name("other") == "other"
     with pytest.raises(ValueError, match="unknown method 'ia3'; known: lily, lora, dora, lokr, loha"):
         get_method("ia3")
@@ -46,13 +45,12 @@ def test_each_method_is_one_entry_with_its_flags_per_budget():
     ]
 
 
-def test_the_available_methods_are_the_adapters_the_training_script_accepts():
-    accepted = trainable_adapters()
-    assert {"lily", "lora"} <= set(accepted)
-    assert available_methods() == [m for m in METHODS if m in accepted]
-    for method in available_methods():  # every flag set of an available method parses
-        flags = METHODS[method].flags(4)
-        parse_args(["--pretrained_model_name_or_path=x", "--instance_data_dir=y", "--instance_prompt=z", *flags])
+def test_every_method_is_an_adapter_kind_whose_flags_parse():
+    assert set(METHODS) == set(BACKENDS)
+    for method in METHODS.values():
+        for budget in method.budgets:
+            flags = method.flags(budget)
+            parse_args(["--pretrained_model_name_or_path=x", "--instance_data_dir=y", "--instance_prompt=z", *flags])
 
 
 def test_lily_keeps_r_large_at_small_budgets_on_the_toy_base():
