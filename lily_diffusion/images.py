@@ -46,6 +46,10 @@ def generate(
     return images
 
 
+TITLE_SIZE = 14  # pixels
+TITLE_WIDTH = 480  # a grid narrower than this widens for its title, up to this width; wider ones wrap it
+
+
 def labelled_grid(
     columns: Sequence[Sequence[Image.Image]],
     row_labels: Sequence[str] | None = None,
@@ -56,7 +60,7 @@ def labelled_grid(
     """Lay out `columns[c][r]` with the column labels on top, the row labels on the left and a title above all.
 
     Without row labels the images start at the left edge; without column labels or title there is no band for
-    them. The canvas is at least as wide as the title."""
+    them. The title is word-wrapped to the grid's width (a narrow grid widens for it, up to `TITLE_WIDTH`)."""
     num_rows = len(columns[0])
     cells = [image for row in range(num_rows) for image in (column[row] for column in columns)]
     if cell_size is not None:
@@ -67,18 +71,20 @@ def labelled_grid(
     measure = ImageDraw.Draw(body)
     line_height = font.getbbox("Ag")[3] + 2
     left_margin = int(8 + max(measure.textlength(label, font=font) for label in row_labels)) if row_labels else 0
-    title_band = 0
+    width = left_margin + body.width
+    title_font = label_font(TITLE_SIZE)
+    title_line_height = title_font.getbbox("Ag")[3] + 3
     if title:
-        left, top, right, bottom = measure.textbbox((0, 0), title, font=font)
-        title_band, title_width, title_top = bottom - top + 8, right - left + 8, top
+        width = max(width, min(int(measure.textlength(title, font=title_font)) + 12, TITLE_WIDTH))
+    title_lines = _wrap(title, width - 8, title_font, measure) if title else []
+    title_band = 8 + title_line_height * len(title_lines) if title_lines else 0
     wrapped = [_wrap(label, cell_width, font, measure) for label in column_labels or []]
     top_margin = title_band + (8 + line_height * max(len(lines) for lines in wrapped) if wrapped else 0)
-    width = max(left_margin + body.width, title_width if title else 0)
     canvas = Image.new("RGB", (width, top_margin + body.height), "white")
     canvas.paste(body, (left_margin, top_margin))
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 4 - title_top), title, fill="black", font=font)
+    for number, line in enumerate(title_lines):
+        draw.text((6, 4 + number * title_line_height), line, "black", title_font)
     for index, lines in enumerate(wrapped):
         for line_number, line in enumerate(lines):
             xy = (left_margin + index * cell_width + 2, title_band + 4 + line_number * line_height)

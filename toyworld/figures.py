@@ -6,30 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lily_diffusion.grids import GridAdapter, generate_for_adapter
-from lily_diffusion.images import _wrap, label_font, labelled_grid
+from lily_diffusion.images import labelled_grid
 
 from .methods import method_name
 from .subjects import Subject
 
 TARGET_HEADER = "target (instance image)"
-TITLE_SIZE = 14
-
-
-def titled(image: Image.Image, title: str, size: int = TITLE_SIZE) -> Image.Image:
-    """`image` below `title`, word-wrapped to the image's width."""
-    font = label_font(size)
-    measure = ImageDraw.Draw(image)
-    lines = _wrap(title, image.width - 8, font, measure)
-    line_height = font.getbbox("Ag")[3] + 3
-    canvas = Image.new("RGB", (image.width, image.height + 8 + line_height * len(lines)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for number, line in enumerate(lines):
-        draw.text((6, 4 + number * line_height), line, "black", font)
-    canvas.paste(image, (0, canvas.height - image.height))
-    return canvas
 
 
 def column_header(method: str, num_parameters: int, detail: str = "") -> str:
@@ -63,4 +48,4 @@ def subject_grid(
         for adapter in adapters
     ]
     row_labels = [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
-    return titled(labelled_grid(columns, row_labels, [TARGET_HEADER, *headers], cell_size), title)
+    return labelled_grid(columns, row_labels, [TARGET_HEADER, *headers], cell_size, title=title)

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from lily_diffusion.grids import GridAdapter
 from lily_diffusion.images import _wrap, fitting_label_font, label_font, labelled_grid
 from toyworld.compare import _mean_std
-from toyworld.figures import TARGET_HEADER, column_header, subject_grid, titled
+from toyworld.figures import TARGET_HEADER, column_header, subject_grid
 from toyworld.paths import BASE_MODEL_DIR
 from toyworld.subjects import SUBJECTS
 
@@ -43,12 +43,15 @@ def test_a_long_label_wraps_between_words_inside_its_cell():
     assert rows_used.max() - rows_used.min() > (len(lines) - 1) * line_height - 2  # drawn on several lines
 
 
-def test_titled_puts_the_title_above_an_unchanged_image():
-    image = Image.new("RGB", (200, 40), "blue")
-    out = titled(image, "DreamBooth on the star subject: the target, the base model and the best runs")
+def test_a_long_title_wraps_above_an_unchanged_grid():
+    image = Image.new("RGB", (500, 40), "blue")
+    title = "DreamBooth on the star subject: the target, the base model and the best runs of every adapter method"
+    out = labelled_grid([[image]], title=title)
     pixels = np.asarray(out).astype(int)
-    assert np.array_equal(pixels[-40:], np.asarray(image))
+    assert out.width == 500 and np.array_equal(pixels[-40:], np.asarray(image))
     assert (pixels[:-40].sum(axis=2) < 300).any() and out.height > 40 + 2 * 14  # wrapped on two lines
+    narrow = labelled_grid([[image.resize((40, 40))]], title=title)
+    assert narrow.width == 480  # a narrow grid widens for its title up to TITLE_WIDTH, then wraps it
 
 
 def test_short_headers_and_one_seed_tables():
