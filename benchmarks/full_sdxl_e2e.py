@@ -204,6 +204,9 @@ def report(
         "",
         format_table(["phase", "wall s", "peak RSS GB"], rows),
         "",
+        "The first training phase (Lily) also generates the 2 class images with the base pipeline (50 denoising "
+        "steps each, at the training resolution); the LoRA phases reuse them.",
+        "",
         "## Sizes",
         "",
         format_table(
