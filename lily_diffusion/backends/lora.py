@@ -7,7 +7,6 @@ from LoRA's by their DoRA magnitude vectors.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -23,19 +22,16 @@ from diffusers.utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..budget import count_lora_parameters, count_peft_parameters, peft_rank_for_lora_budget
+from ..budget import count_lora_parameters
 from ..config import LilyConfig
 from ..lora_files import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, is_lora_file
-from ..messages import first_line, is_out_of_memory
-from .base import ADAPTER_NAME, AdapterBackend, AdapterError, AdapterOptions, Targets, copy_targets
-
-logger = logging.getLogger(__name__)
-
+from .base import ADAPTER_NAME, AdapterError, AdapterOptions, Targets, copy_targets
+from .peft_kinds import PeftAdapterBackend
 
 DORA_KEYS = ("lora_magnitude_vector", "dora_scale")  # DoRA's magnitudes: diffusers/peft and Kohya names
 
@@ -45,7 +41,7 @@ def is_dora_file(keys: Sequence[str]) -> bool:
     return any(marker in key for key in keys for marker in DORA_KEYS)
 
 
-class LoraBackend(AdapterBackend):
+class LoraBackend(PeftAdapterBackend):
     """peft LoRA; --use_dora trains DoRA, --output_kohya_format adds a Kohya copy of the final file."""
 
     kind = "lora"
@@ -83,45 +79,19 @@ class LoraBackend(AdapterBackend):
             target_modules=copy_targets(targets),
         )
 
-    def rank_for(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:
-        """--rank, or with --match_lora_budget the largest rank within that LoRA rank's parameter count."""
-        if options.match_lora_budget is None:
-            return options.rank
-        scope = LilyConfig(target_modules=copy_targets(targets))
-        try:
-            return peft_rank_for_lora_budget(
-                model, options.match_lora_budget, lambda rank: self.config_at(options, targets, rank), scope
-            )
-        except ValueError as err:
-            raise AdapterError(f"--match_lora_budget {options.match_lora_budget}: {first_line(err)}") from err
-
-    def add(self, model: nn.Module, targets: Targets, options: AdapterOptions, label: str) -> list[nn.Parameter]:
-        rank = self.rank_for(model, targets, options)
-        config = self.config_at(options, targets, rank)
-        try:
-            if isinstance(model, ModelMixin):
-                model.add_adapter(config)
-            else:  # transformers' add_adapter wants peft >= 0.22 (transformers 5), above every released peft
-                inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-                model.peft_config = {ADAPTER_NAME: config}  # as add_adapter records it; the saved metadata reads it
-        except (ValueError, TypeError) as err:
-            raise AdapterError(f"cannot add {self.display_name}: {first_line(err)}") from err
-        except (RuntimeError, MemoryError) as err:
-            if not is_out_of_memory(err):
-                raise
-            raise AdapterError(
-                f"not enough memory for a {self.display_name} of rank {rank}: {first_line(err)}"
-            ) from err
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        logger.info(f"{label}: {self.display_name} rank {rank}, {sum(p.numel() for p in parameters):,} parameters")
-        return parameters
+    def inject(self, model: nn.Module, config: PeftConfig) -> None:
+        """diffusers' `add_adapter` on a diffusers model; on another (a transformers text encoder) peft's inject,
+        since transformers' add_adapter wants peft >= 0.22, above every released peft."""
+        if isinstance(model, ModelMixin):
+            model.add_adapter(config)
+        else:
+            super().inject(model, config)
 
     def count_parameters(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:
+        if self.uses_dora(options):
+            return super().count_parameters(model, targets, options)
         scope = LilyConfig(target_modules=copy_targets(targets))
-        rank = self.rank_for(model, targets, options)
-        if not self.uses_dora(options):
-            return count_lora_parameters(model, rank, scope)
-        return count_peft_parameters(model, self.config_at(options, targets, rank), scope)
+        return count_lora_parameters(model, self.rank_for(model, targets, options), scope)
 
     def save(self, directory: Path, models: Mapping[str, nn.Module]) -> Path:
         # diffusers writes in place: write into a temporary folder beside it, then rename, so that a failed or

@@ -9,19 +9,16 @@ They read `--rank` and `--lora_alpha` (peft's `r` and `alpha`; alpha defaults to
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from diffusers import StableDiffusionXLPipeline
-from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoHaConfig, LoKrConfig, set_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
-from ..budget import count_peft_parameters, peft_rank_for_lora_budget
-from ..config import LilyConfig
 from ..lycoris_files import (
     WEIGHT_NAMES,
     LycorisFileError,
@@ -31,13 +28,11 @@ from ..lycoris_files import (
     read_lycoris_file,
     save_lycoris_weights,
 )
-from ..messages import first_line, is_out_of_memory
-from .base import ADAPTER_NAME, AdapterBackend, AdapterError, AdapterOptions, Targets, copy_targets
-
-logger = logging.getLogger(__name__)
+from .base import ADAPTER_NAME, AdapterError, AdapterOptions, Targets, copy_targets
+from .peft_kinds import PeftAdapterBackend
 
 
-class LycorisBackend(AdapterBackend):
+class LycorisBackend(PeftAdapterBackend):
     """A peft LyCORIS adapter (LoKr or LoHa) on the same layers as LoRA, saved in one file with its configs."""
 
     config_type: ClassVar[type[LoKrConfig] | type[LoHaConfig]]
@@ -52,40 +47,6 @@ class LycorisBackend(AdapterBackend):
     def extra(self, options: AdapterOptions) -> dict[str, object]:
         """Config fields only this kind has."""
         return {}
-
-    def rank_for(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:
-        """--rank, or with --match_lora_budget the largest rank within that LoRA rank's parameter count."""
-        if options.match_lora_budget is None:
-            return options.rank
-        scope = LilyConfig(target_modules=copy_targets(targets))
-        try:
-            return peft_rank_for_lora_budget(
-                model, options.match_lora_budget, lambda rank: self.config_at(options, targets, rank), scope
-            )
-        except ValueError as err:
-            raise AdapterError(f"--match_lora_budget {options.match_lora_budget}: {first_line(err)}") from err
-
-    def add(self, model: nn.Module, targets: Targets, options: AdapterOptions, label: str) -> list[nn.Parameter]:
-        rank = self.rank_for(model, targets, options)
-        config = self.config_at(options, targets, rank)
-        try:
-            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        except (ValueError, TypeError) as err:
-            raise AdapterError(f"cannot add {self.display_name} to the {label}: {first_line(err)}") from err
-        except (RuntimeError, MemoryError) as err:
-            if not is_out_of_memory(err):
-                raise
-            raise AdapterError(
-                f"not enough memory for a {self.display_name} of rank {rank}: {first_line(err)}"
-            ) from err
-        model.peft_config = {ADAPTER_NAME: config}  # as diffusers' add_adapter records it; `save` reads it
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        logger.info(f"{label}: {self.display_name} rank {rank}, {sum(p.numel() for p in parameters):,} parameters")
-        return parameters
-
-    def count_parameters(self, model: nn.Module, targets: Targets, options: AdapterOptions) -> int:
-        config = self.config_at(options, targets, self.rank_for(model, targets, options))
-        return count_peft_parameters(model, config, LilyConfig(target_modules=copy_targets(targets)))
 
     def save(self, directory: Path, models: Mapping[str, nn.Module]) -> Path:
         return save_lycoris_weights(directory, self.kind, models, ADAPTER_NAME)
