@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .patterns import shorten
-from .serialization import COMPONENTS, write_atomically
+from .serialization import COMPONENTS, tensors_by_component, write_atomically
 
 FORMAT = "lily_diffusion.lycoris"
 CONFIG_KEY_PREFIX = "config."
@@ -131,14 +131,8 @@ def read_lycoris_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Lyco
     except (SafetensorError, OSError) as error:
         raise LycorisFileError(f"{path} is not a readable safetensors file: {shorten(error)}.") from None
     components: dict[str, LycorisComponent] = {}
-    for component in COMPONENTS:
-        prefix = f"{component}."
-        own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        text = metadata.get(CONFIG_KEY_PREFIX + component)
-        if text is None:
-            if own:
-                raise LycorisFileError(f"{path} has {component} tensors but no '{CONFIG_KEY_PREFIX}{component}'.")
-            continue
+    parts = tensors_by_component(tensors, metadata, CONFIG_KEY_PREFIX, str(path), LycorisFileError)
+    for component, own, text in parts:
         config = parse_config(kind, text, f"{path}: the {component} config")
         check_values(own, f"{path} ({component})")
         components[component] = LycorisComponent(config, own)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,22 +185,36 @@ def read_lily_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LilyCompone
     return split_components(tensors, metadata, str(path))
 
 
+def tensors_by_component(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    config_prefix: str,
+    source: str,
+    error: type[ValueError],
+) -> Iterator[tuple[str, dict[str, torch.Tensor], str]]:
+    """`(component, its tensors without the prefix, its config text)` for each of COMPONENTS that the metadata has
+    a `{config_prefix}{component}` entry for; raises `error` for a component with tensors but no config."""
+    for component in COMPONENTS:
+        prefix = f"{component}."
+        own = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+        text = metadata.get(config_prefix + component)
+        if text is None:
+            if own:
+                raise error(f"{source} has {component} tensors but no '{config_prefix}{component}' metadata.")
+            continue
+        yield component, own, text
+
+
 def split_components(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
 ) -> dict[str, LilyComponentWeights]:
     """A file's tensors (keys with a component prefix) and header, as components by name, each config checked."""
-    components: dict[str, LilyComponentWeights] = {}
-    for component in COMPONENTS:
-        prefix = f"{component}."
-        own = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
-        config_json = metadata.get(CONFIG_KEY_PREFIX + component)
-        if config_json is None:
-            if own:
-                raise LilyFileError(
-                    f"{source} has {component} tensors but no '{CONFIG_KEY_PREFIX}{component}' metadata."
-                )
-            continue
-        components[component] = LilyComponentWeights(_parse_config(config_json, source, component), own)
+    components = {
+        component: LilyComponentWeights(_parse_config(config_json, source, component), own)
+        for component, own, config_json in tensors_by_component(
+            tensors, metadata, CONFIG_KEY_PREFIX, source, LilyFileError
+        )
+    }
     stray = sorted(k for k in tensors if not k.startswith(tuple(f"{c}." for c in components)))
     if stray:
         raise LilyFileError(f"{source} has keys outside its components {sorted(components)}: {_few(stray)}.")
