@@ -62,8 +62,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train_flags",
         default="",
-        help="More training-script flags, one string (e.g. '--lr_scheduler=cosine --train_text_encoder'); they "
-        "replace the benchmark's own value of the same flag and are part of the run's name.",
+        help="More training-script flags, one string written with '=' (e.g. --train_flags='--lr_scheduler=cosine "
+        "--train_text_encoder'); they replace the benchmark's own value of the same flag and are part of the run's "
+        "name.",
     )
     parser.add_argument(
         "--save_steps",

@@ -64,6 +64,7 @@ def test_run_names_and_flags():
 
 
 def test_train_flags_replace_the_benchmarks_own_and_name_the_run(tmp_path):
+    assert parse_args(["--train_flags=--lr_scheduler=cosine"]).train_flags == ["--lr_scheduler=cosine"]
     args = parse_args(["--train_flags", "--lr_scheduler=cosine --train_text_encoder"])
     assert run_name(args) == "star-lily-lr0.003-seed0-lr_scheduler=cosine-train_text_encoder"
     flags = run_flags(args, tmp_path / "run", SUBJECTS["star"])
