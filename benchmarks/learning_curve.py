@@ -43,6 +43,11 @@ SAVE_STEPS = (150, 300, 600, 900, 1200, 1500, 1800, 2100, 2400)
 EVAL_SEEDS = (0, 1, 2, 3)
 SCORE_COLUMNS = ("subject", "similarity", "background_seen", "background_unseen", "class_preservation")
 SUBJECT_TARGET, PROMPT_TARGET = 0.8, 0.9  # issue 11: the subject is learned at subject >= 0.8 and prompt >= 0.9
+# Flags the learning curve sets itself (its options, the run folder, its checkpoints): not for --train_flags.
+OWNED_FLAGS = (
+    "adapter", "learning_rate", "seed", "max_train_steps", "output_dir", "checkpointing_steps",
+    "resume_from_checkpoint", "instance_data_dir", "with_prior_preservation", "class_data_dir", "class_prompt",
+)  # fmt: skip
 NOTES_HEADING = "## Reading the curves"  # a hand-written section of the results file, kept on every rewrite
 
 
@@ -102,6 +107,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     args.train_flags = shlex.split(args.train_flags)
     if any(not flag.startswith("--") for flag in args.train_flags):
         parser.error("--train_flags takes flags written --name or --name=value (one string)")
+    owned = sorted({flag[2:].partition("=")[0] for flag in args.train_flags} & set(OWNED_FLAGS))
+    if owned:
+        parser.error(f"--train_flags cannot set --{owned[0]}: the learning curve sets it (see its own options)")
     return args
 
 
@@ -110,7 +118,7 @@ def run_name(args: argparse.Namespace) -> str:
     the extra training flags (e.g. '-lr_scheduler=cosine') last."""
     rank = f"-r{args.rank}" if args.method == "lora" else (f"-budget{args.rank}" if args.rank != 4 else "")
     alpha = f"-alpha{args.lora_alpha:g}" if args.lora_alpha not in (None, args.rank) else ""
-    extra = "".join(f"-{flag.lstrip('-')}" for flag in args.train_flags)
+    extra = "".join(f"-{flag.lstrip('-').replace('/', '_')}" for flag in args.train_flags)  # a folder name
     prior = "-prior" if args.prior else ""
     return f"{args.subject}-{args.method}{rank}{alpha}-lr{args.learning_rate:g}{prior}-seed{args.seed}{extra}"
 
@@ -171,6 +179,11 @@ def machine() -> str:
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, load average {load}, {torch.get_num_threads()} torch thread(s)"
+
+
+def base_key(subject: str, guidance_scale: float) -> str:
+    """The key of the base model's scores: the subject at the default guidance, 'star (guidance 3)' at another."""
+    return subject if guidance_scale == EvalPlan.guidance_scale else f"{subject} (guidance {guidance_scale:g})"
 
 
 def load_records(path: Path) -> dict[str, dict]:
@@ -245,15 +258,16 @@ def render_markdown(records: dict[str, dict]) -> str:
         )
     for name, run in runs.items():
         train_s = run.get("train_seconds")
+        guidance = run.get("guidance_scale", EvalPlan.guidance_scale)
         parts.append(
             f"\n## {name}\n\n"
             f"{run['max_steps']} steps, lr {run['learning_rate']:g}, {run['params']:,} trainable parameters; "
             f"{run['eval_seeds']} generation seeds x 3 subject prompts and {2 * run['eval_seeds']} class-prompt "
             f"images per point, {run['inference_steps']} denoising steps, guidance "
-            f"{run.get('guidance_scale', EvalPlan.guidance_scale):g}.\n"
+            f"{guidance:g}.\n"
             f"Training wall time {f'{train_s:.0f} s' if train_s else 'n/a'} "
             f"({run['max_steps'] / train_s if train_s else float('nan'):.1f} steps/s); machine: {run['machine']}.\n\n"
-            f"{curve_table(run, records['base'].get(run['subject']))}\n"
+            f"{curve_table(run, records['base'].get(base_key(run['subject'], guidance)))}\n"
             f"```bash\n{run['command']}\n```\n"
         )
     return "".join(parts)
@@ -305,8 +319,9 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
     plan = EvalPlan(
         seeds=tuple(range(args.eval_seeds)), steps=args.inference_steps, guidance_scale=args.guidance_scale
     )
-    if args.subject not in records["base"]:
-        records["base"][args.subject] = score(pipe, GridAdapter("base", None, "base", 0), evaluator, plan, subject)
+    base = base_key(args.subject, args.guidance_scale)
+    if base not in records["base"]:
+        records["base"][base] = score(pipe, GridAdapter("base", None, "base", 0), evaluator, plan, subject)
     for step in args.save_steps:
         if str(step) in run["points"]:
             continue

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.learning_curve import first_reached, main, parse_args, run_flags, run_name, with_flag
+from benchmarks.learning_curve import base_key, first_reached, main, parse_args, run_flags, run_name, with_flag
 from toyworld.subjects import SUBJECTS
 
 FLAGS = ["--subject", "square", "--method", "lily", "--save_steps", "2", "4", "--eval_seeds", "1"]
@@ -83,12 +83,18 @@ def test_refusals(capsys):
         "must be positive": ["--save_steps", "0"],
         "must be a positive number": ["--learning_rate", "nan"],
         "--train_flags takes flags": ["--train_flags", "cosine"],
+        "cannot set --output_dir": ["--train_flags=--lr_scheduler=cosine --output_dir=/tmp/elsewhere"],
     }
     for message, bad in cases.items():
         with pytest.raises(SystemExit):
             parse_args(bad)
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert "error: " in last and message in last
+
+
+def test_base_scores_at_another_guidance_are_kept_apart():
+    assert base_key("star", 5.0) == "star"
+    assert base_key("star", 3.0) == "star (guidance 3)"
 
 
 def test_first_reached_needs_both_targets():
