@@ -186,6 +186,11 @@ def base_key(subject: str, guidance_scale: float) -> str:
     return subject if guidance_scale == EvalPlan.guidance_scale else f"{subject} (guidance {guidance_scale:g})"
 
 
+def run_guidance(run: dict) -> float:
+    """The guidance a run's points were scored at (runs recorded before it was an option: the default)."""
+    return run.get("guidance_scale", EvalPlan.guidance_scale)
+
+
 def load_records(path: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {"base": {}, "runs": {}}
 
@@ -258,7 +263,7 @@ def render_markdown(records: dict[str, dict]) -> str:
         )
     for name, run in runs.items():
         train_s = run.get("train_seconds")
-        guidance = run.get("guidance_scale", EvalPlan.guidance_scale)
+        guidance = run_guidance(run)
         parts.append(
             f"\n## {name}\n\n"
             f"{run['max_steps']} steps, lr {run['learning_rate']:g}, {run['params']:,} trainable parameters; "
@@ -290,7 +295,11 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
         "inference_steps": args.inference_steps,
         "guidance_scale": args.guidance_scale,
     }
-    scored_with = {key: run.get(key, EvalPlan.guidance_scale if key == "guidance_scale" else None) for key in asked}
+    scored_with = {
+        "eval_seeds": run.get("eval_seeds"),
+        "inference_steps": run.get("inference_steps"),
+        "guidance_scale": run_guidance(run),
+    }
     if run["points"] and scored_with != asked:
         raise SystemExit(
             f"error: {name} was scored with {scored_with} in {json_path}; rerun with those settings (or move that "
