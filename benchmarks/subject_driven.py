@@ -49,6 +49,7 @@ from toyworld.report import (
     plot_quality_vs_params,
     plot_quality_vs_steps,
     summary_table,
+    target_progress,
 )
 from toyworld.runner import default_jobs, use_one_thread
 from toyworld.subjects import DEFAULT_SUBJECT, SUBJECTS, get_subject
@@ -304,15 +305,15 @@ def plan_lines(records: Sequence[Record]) -> str:
 
 
 def lr_sweep_lines(records: Sequence[dict[str, object]]) -> str:
-    """Per method, its best learning rate by mean subject fidelity (what RECIPE should then fix)."""
+    """Per method, its best learning rate by `report.target_progress` (what RECIPE should then fix)."""
     lines = []
     for method in dict.fromkeys(str(r["method"]) for r in records):
-        group = best_setting(records, method, REFERENCE_BUDGET, "subject")
+        group = best_setting(records, method, REFERENCE_BUDGET, "target")
         if group:
             lr = float(group[0]["learning_rate"])  # type: ignore[arg-type]
             lines.append(
                 f"- {method_name(method)}: lr {lr:g} (subject fidelity {estimate(group, 'subject')}, prompt fidelity "
-                f"{estimate(group, 'background')})"
+                f"{estimate(group, 'background')}, progress to the target {target_progress(group):.2f})"
             )
     return "\n".join(lines) + "\n"
 
@@ -337,7 +338,9 @@ def render_report(
             f"One training seed per (method, lr); {scoring}\n\nRuns:\n{plan_lines(records)}\n"
             f"{summary_table(records, base_scores.get(subjects[0]) if subjects else None)}\n{LEGEND}\n"
             "## Best learning rate per method\n\nEach method's best lr on this one subject is then fixed in "
-            "`RECIPE` (benchmarks/subject_driven.py) for every subject of the full sweep.\n\n"
+            "`RECIPE` (benchmarks/subject_driven.py) for every subject of the full sweep. Best means the highest "
+            f"progress to the target: min(subject fidelity / {SUBJECT_TARGET}, prompt fidelity / {PROMPT_TARGET}), "
+            "so a rate that learns the subject by losing the asked background does not win.\n\n"
             f"{lr_sweep_lines(records)}\n"
         )
     settings = adapter_settings_table(records)

@@ -106,9 +106,20 @@ def per_subject_tables(
     return "\n".join(parts)
 
 
+def target_progress(records: Sequence[Record]) -> float:
+    """How close runs come to learning the subject: min(mean subject fidelity / SUBJECT_TARGET, mean prompt
+    fidelity / PROMPT_TARGET); at least 1 when both targets are met. A setting that learns the subject by losing
+    the prompt ranks by its prompt fidelity, not by its subject fidelity."""
+    subject = estimate(records, "subject").mean / SUBJECT_TARGET
+    return min(subject, estimate(records, PROMPT_METRIC).mean / PROMPT_TARGET)
+
+
 def best_setting(records: Sequence[Record], method: str, budget: int, metric: str) -> list[Record]:
-    """The runs of `method`'s setting (lr, prior) with the highest mean `metric` at `budget`; [] if none."""
+    """The runs of `method`'s setting (lr, prior) with the highest mean `metric` at `budget` (metric "target":
+    the highest `target_progress`); [] if none."""
     groups = [g for key, g in group_by_setting(records).items() if key[0] == method and key[1] == budget]
+    if metric == "target":
+        return max(groups, key=target_progress, default=[])
     return max(groups, key=lambda g: estimate(g, metric).mean, default=[])
 
 

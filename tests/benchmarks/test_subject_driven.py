@@ -193,3 +193,4 @@ def test_lr_sweep_report_names_each_methods_best_learning_rate():
     best = section(report, "Best learning rate per method")
     assert "then fixed in `RECIPE`" in best
     assert "- Lily: lr 0.003 (subject fidelity 0.900 (n=1)" in best and "- LoRA: lr 0.001 (" in best
+    assert "progress to the target 1.11)" in best and "min(subject fidelity / 0.8, prompt fidelity / 0.9)" in best

@@ -6,6 +6,7 @@ import pytest
 
 from toyworld.report import (
     adapter_settings_table,
+    best_setting,
     common_budget,
     grid_runs,
     headline_table,
@@ -16,6 +17,7 @@ from toyworld.report import (
     plot_quality_vs_steps,
     smallest_reaching_budget,
     summary_table,
+    target_progress,
 )
 
 SUBJECTS = ("star", "square", "triangle", "circle")
@@ -247,3 +249,15 @@ def test_learning_curve_runs_file_becomes_one_line_per_run(tmp_path):
     assert len(points) == 4 and points[0]["steps"] == 300
     plot = plot_quality_vs_steps(points, tmp_path / "steps.png")
     assert plot.lines["Lily, square, lr 0.001"] == ([300, 600], pytest.approx([0.3, 0.6]))
+
+
+def test_best_setting_for_the_target_does_not_reward_losing_the_prompt():
+    # lr 3e-3 learns the subject better but loses the asked background; lr 1e-3 is closer to meeting both targets
+    records = [record("lily", 4, "square", seed, 0.95, lr=3e-3, background=0.6) for seed in (0, 1)] + [
+        record("lily", 4, "square", seed, 0.7, lr=1e-3, background=1.0) for seed in (0, 1)
+    ]
+    assert target_progress(records[:2]) == pytest.approx(0.6 / 0.9)
+    assert target_progress(records[2:]) == pytest.approx(0.7 / 0.8)
+    assert best_setting(records, "lily", 4, "subject")[0]["learning_rate"] == 3e-3
+    assert best_setting(records, "lily", 4, "target")[0]["learning_rate"] == 1e-3
+    assert best_setting(records, "lora", 4, "target") == []
