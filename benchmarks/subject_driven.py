@@ -114,14 +114,18 @@ def recipe_spec(method: str, budget: int, subject: str, seed: int, steps: int | 
 def full_plan(
     methods: Sequence[str], subjects: Sequence[str] = tuple(SUBJECTS), seeds: Sequence[int] = SEEDS
 ) -> list[RunSpec]:
-    """Every method at each of its budgets, on every subject, with every training seed."""
-    return [
+    """Every method at each of its budgets, on every subject, with every training seed; in the order an interrupted
+    run is most useful in: the rank-4 budget first (every method compared), then the other budgets; within a budget
+    seed by seed, so that each finished seed holds every method on every subject (paired comparisons)."""
+    runs = [
         recipe_spec(method, budget, subject, seed)
         for method in methods
         for budget in METHODS[method].budgets
         for subject in subjects
         for seed in seeds
     ]
+    order = {method: i for i, method in enumerate(methods)}
+    return sorted(runs, key=lambda r: (r.budget != REFERENCE_BUDGET, r.budget, r.seed, order[r.method]))
 
 
 def quick_plan(subject: str, steps: int) -> list[RunSpec]:

@@ -31,6 +31,12 @@ def test_full_plan_is_every_method_budget_subject_and_seed():
     assert {r.budget for r in runs if r.method == "lora"} == {1, 2, 4, 8}
     assert {r.budget for r in runs if r.method in ("dora", "lokr", "loha")} == {4}
     assert {r.subject for r in runs} == set(SUBJECTS) and {r.seed for r in runs} == {0, 1, 2}
+    # interrupted anywhere, what finished is the most comparable: the rank-4 budget's seed 0 for every method and
+    # subject first, then its seed 1, ...; the other budgets after it
+    first = runs[: len(methods) * len(SUBJECTS)]
+    assert {(r.method, r.subject) for r in first} == {(m, s) for m in methods for s in SUBJECTS}
+    assert {(r.budget, r.seed) for r in first} == {(4, 0)}
+    assert [r.budget for r in runs].index(1) == 5 * len(SUBJECTS) * 3
     recipe = subject_driven.RECIPE["lora"]
     lora = next(r for r in runs if r.method == "lora")
     assert (lora.steps, lora.learning_rate, lora.extra_flags, lora.prior) == (
