@@ -38,3 +38,20 @@ def test_folders_it_cannot_use_are_refused_before_training(tmp_path, capsys):
         main(["--out", str(tmp_path / "evaluator")])
     assert exit_info.value.code == 2 and "no shape.safetensors to keep; add --retrain-shape" in capsys.readouterr().err
     assert not (tmp_path / "evaluator").exists()
+
+
+def test_keep_cnns_needs_every_file_it_keeps_and_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "evaluator"
+    out.mkdir()
+    (out / "shape.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--keep-cnns"])
+    assert exit_info.value.code == 2
+    assert "has no subject.safetensors to keep (--keep-cnns trains nothing)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--keep-cnns", "--retrain-shape"])
+    assert exit_info.value.code == 2 and "cannot be combined with --retrain-shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--keep-cnns", "--steps", "10"])
+    assert exit_info.value.code == 2 and "cannot be combined with --steps" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["shape.safetensors"]
