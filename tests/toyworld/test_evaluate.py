@@ -70,10 +70,10 @@ def test_subject_similarity_separates_the_subject_from_plain_shapes(evaluator, n
 
 
 def test_background_fidelity_is_split_into_seen_and_unseen(evaluator):
-    subject = SUBJECTS["star"]  # seen: white, gray; unseen: black
+    subject = SUBJECTS["star"]  # seen: white, black; unseen: gray
     rng = np.random.default_rng(FRESH_SEED)
-    images = [render_array(subject.scene(rng, b)) for b in ("white", "gray", "black", "black")]
-    prompts = [subject.caption(b) for b in ("white", "white", "black", "black")]
+    images = [render_array(subject.scene(rng, b)) for b in ("white", "black", "gray", "gray")]
+    prompts = [subject.caption(b) for b in ("white", "white", "gray", "gray")]
     assert evaluator.background_fidelity(images, prompts, subject) == {"seen": 0.5, "unseen": 1.0}
     assert evaluator.background_fidelity(images[:2], prompts[:2], "star") == {"seen": 0.5}
     square = SUBJECTS["square"]  # unseen: white
