@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.learning_curve import machine
 from toyworld.compare import EvalPlan, RunResult, RunSpec, results_records, runs_grid
-from toyworld.compare_jobs import run_all_parallel
+from toyworld.compare_jobs import make_jobs, run_all_parallel
 from toyworld.methods import METHODS, REFERENCE_BUDGET, budget_label, method_name
 from toyworld.paths import RESULTS as RESULTS_DIR
 from toyworld.paths import SAMPLES
@@ -51,7 +51,7 @@ from toyworld.report import (
     summary_table,
     target_progress,
 )
-from toyworld.runner import default_jobs, use_one_thread
+from toyworld.runner import default_jobs, read_cached, use_one_thread
 from toyworld.subjects import DEFAULT_SUBJECT, SUBJECTS, get_subject
 
 
@@ -185,6 +185,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help="Reuse the scores cached in --work_dir/scores: an interrupted benchmark skips the runs it finished.",
     )
     parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Train nothing: write the results from the runs --work_dir has finished, marked as partial if any "
+        "planned run is missing.",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=None, help="Trainings at once, one process each (default: one per core)."
     )
     parser.add_argument(
@@ -227,10 +233,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--methods {method}: unknown; the methods are {', '.join(METHODS)}")
     if args.learning_curve is not None and not args.learning_curve.is_file():
         parser.error(f"--learning_curve {args.learning_curve} is not a file")
+    if args.report_only and args.work_dir is None:
+        parser.error("--report_only needs --work_dir (the folder whose finished runs it reports)")
     if args.resume and args.work_dir is None:
         parser.error("--resume needs --work_dir (the folder whose cached scores it continues from)")
     cached = sorted((args.work_dir / "scores").glob("*.json")) if args.work_dir is not None else []
-    if cached and not args.resume:
+    if cached and not (args.resume or args.report_only):
         parser.error(
             f"{args.work_dir} already holds {len(cached)} finished runs' scores; pass --resume to continue from "
             "them, or choose another --work_dir"
@@ -249,6 +257,32 @@ def plan_of(args: argparse.Namespace) -> list[RunSpec]:
     plan = full_plan(methods)
     return (
         plan if args.steps is None else [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in plan]
+    )
+
+
+def finished_seconds(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -> dict[str, float]:
+    """The runs of `specs` that `work_dir`'s cache holds for these settings, by name: the seconds each one's job took
+    (training and scoring, in one process)."""
+    cache_dir = work_dir / "scores"
+    seconds = {}
+    for job in make_jobs(specs, work_dir, plan):
+        if job.payload.spec is not None and read_cached(job, cache_dir) is not None:
+            seconds[job.name] = float(json.loads(job.cache_file(cache_dir).read_text()).get("seconds", 0.0))
+    return seconds
+
+
+def partial_note(missing: Sequence[RunSpec], planned: int, args: argparse.Namespace) -> str:
+    """The block that marks a report of an unfinished plan, naming what is missing and how to continue."""
+    if not missing:
+        return ""
+    counts: dict[tuple[str, int], int] = {}
+    for spec in missing:
+        counts[(spec.method, spec.budget)] = counts.get((spec.method, spec.budget), 0) + 1
+    what = ", ".join(f"{method_name(m)} {budget_label(b)} ({n})" for (m, b), n in counts.items())
+    again = shlex.join(["python", "-m", "benchmarks.subject_driven", "--work_dir", str(args.work_dir), "--resume"])
+    return (
+        f"> **Partial: {planned - len(missing)} of {planned} planned runs have finished.** Every table below holds "
+        f"only the finished runs. Missing (runs): {what}. `{again}` trains only the missing ones.\n\n"
     )
 
 
@@ -383,10 +417,15 @@ def main(input_args: Sequence[str] | None = None) -> str:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or Path(scratch)
-        results, base_scores, failed = run_all_parallel(specs, work_dir, plan, n_jobs, work_dir / "scores")
+        before = finished_seconds(specs, work_dir, plan)
+        to_run = [spec for spec in specs if spec.name in before] if args.report_only else specs
+        results, base_scores, failed = run_all_parallel(to_run, work_dir, plan, n_jobs, work_dir / "scores")
         records = results_records(results)
         grids = write_grids(results, records, plan, grids_dir) if grids_dir is not None and records else []
+        run_seconds = finished_seconds(specs, work_dir, plan)
     minutes = (time.perf_counter() - started) / 60
+    missing = [spec for spec in specs if spec.name not in run_seconds]
+    process_hours = sum(run_seconds.values()) / 3600
     # an lr sweep has one budget: no quality-vs-parameters plot
     plots = (
         write_plots(records, results_path, learning_curve) if results_path is not None and not args.lr_sweep else []
@@ -397,11 +436,15 @@ def main(input_args: Sequence[str] | None = None) -> str:
         where = results_path.parent if results_path is not None else Path.cwd()
         extras += [f"![{path.stem}]({os.path.relpath(path, where)})\n\n" for path in grids]
     failures = "".join(f"- {o.job.name}: {o.error}\n" for o in failed)
+    title, _, body = render_report(args, records, base_scores, plan, extras).partition("\n\n")
     report = (
-        render_report(args, records, base_scores, plan, extras)
+        f"{title}\n\n{partial_note(missing, len(specs), args)}{body}"
         + (f"## Failed runs\n\n{failures}\n" if failures else "")
-        + f"{len(specs)} runs; total wall time {minutes:.1f} min on {machine()}; {n_jobs} training processes with "
-        "one torch thread each.\n\n"
+        + f"{len(run_seconds)} of {len(specs)} planned runs finished, {len(before)} of them by earlier invocations "
+        f"(their scores cached in the work folder). Every finished run's own time, training and scoring in one "
+        f"process with one torch thread, sums to {process_hours:.2f} process-hours: about "
+        f"{process_hours / n_jobs:.2f} h of wall time at {n_jobs} processes. This invocation: {minutes:.1f} min wall "
+        f"on {machine()}, {n_jobs} training processes.\n\n"
         f"```bash\n{shlex.join(['python', '-m', 'benchmarks.subject_driven', *argv])}\n```\n"
     )
     if results_path is not None:

@@ -118,9 +118,8 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     ]
     per_subject = section(report, "Per subject")
     assert "### subject star" in per_subject and "| base model (no training) |" in per_subject
-    assert (
-        "2 training processes with one torch thread each" in report and "python -m benchmarks.subject_driven" in report
-    )
+    assert "2 of 2 planned runs finished, 0 of them by earlier invocations" in report and "Partial" not in report
+    assert "with one torch thread, sums to " in report and "python -m benchmarks.subject_driven" in report
 
     assert results.read_text() == report
     data = json.loads(results.with_suffix(".json").read_text())
@@ -143,12 +142,22 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     again = subject_driven.main([*flags, "--resume", "--results", str(tmp_path / "again.md")])
     assert adapter.stat().st_mtime_ns == trained_at  # not trained again
     assert section(again, "All runs") == section(report, "All runs")
+    assert "2 of 2 planned runs finished, 2 of them by earlier invocations" in again
+
+    # --report_only trains nothing: with LoRA's score gone, the report is marked partial and holds Lily alone
+    next((work_dir / "scores").glob("star-lora-*.json")).unlink()
+    partial = subject_driven.main([*flags, "--report_only", "--results", str(tmp_path / "partial.md")])
+    assert "> **Partial: 1 of 2 planned runs have finished.**" in partial
+    assert "Missing (runs): LoRA LoRA r4 (1x) (1)." in partial and "--resume` trains only the missing ones" in partial
+    assert [row[0] for row in table_rows(section(partial, "All runs"))[1]] == ["Lily"]
+    assert not list((work_dir / "scores").glob("star-lora-*.json"))
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--resume"], "--resume needs --work_dir"),
+        (["--report_only"], "--report_only needs --work_dir"),
         (["--jobs", "0"], "--jobs must be at least 1"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--inference_steps", "0"], "--inference_steps must be at least 1"),
