@@ -116,10 +116,10 @@ def target_progress(records: Sequence[Record]) -> float:
 
 def best_setting(records: Sequence[Record], method: str, budget: int, metric: str) -> list[Record]:
     """The runs of `method`'s setting (lr, prior) with the highest mean `metric` at `budget` (metric "target":
-    the highest `target_progress`); [] if none."""
+    the highest `target_progress`, ties broken by subject fidelity); [] if none."""
     groups = [g for key, g in group_by_setting(records).items() if key[0] == method and key[1] == budget]
     if metric == "target":
-        return max(groups, key=target_progress, default=[])
+        return max(groups, key=lambda g: (target_progress(g), estimate(g, "subject").mean), default=[])
     return max(groups, key=lambda g: estimate(g, metric).mean, default=[])
 
 

@@ -261,3 +261,9 @@ def test_best_setting_for_the_target_does_not_reward_losing_the_prompt():
     assert best_setting(records, "lily", 4, "subject")[0]["learning_rate"] == 3e-3
     assert best_setting(records, "lily", 4, "target")[0]["learning_rate"] == 1e-3
     assert best_setting(records, "lora", 4, "target") == []
+    # every rate loses the unseen background alike (DoRA on square): the tie goes to the better subject fidelity
+    tied = [
+        record("dora", 4, "square", 0, score, lr=lr, background=0.667) for lr, score in ((1e-3, 0.6), (2e-3, 0.84))
+    ]
+    assert target_progress(tied[:1]) == target_progress(tied[1:])
+    assert best_setting(tied, "lily", 4, "target")[0]["learning_rate"] == 2e-3
