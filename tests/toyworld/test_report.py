@@ -263,7 +263,7 @@ def test_best_setting_for_the_target_does_not_reward_losing_the_prompt():
     assert best_setting(records, "lora", 4, "target") == []
     # every rate loses the unseen background alike (DoRA on square): the tie goes to the better subject fidelity
     tied = [
-        record("dora", 4, "square", 0, score, lr=lr, background=0.667) for lr, score in ((1e-3, 0.6), (2e-3, 0.84))
+        record("lily", 4, "square", 0, score, lr=lr, background=0.667) for lr, score in ((1e-3, 0.6), (2e-3, 0.84))
     ]
     assert target_progress(tied[:1]) == target_progress(tied[1:])
     assert best_setting(tied, "lily", 4, "target")[0]["learning_rate"] == 2e-3
