@@ -101,8 +101,8 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     header, rows = table_rows(section(report, "All runs"))
     assert header == ["method", "budget (LoRA rank)", "lr", "prior", "params", *SCORE_HEADERS, "n"]
     assert [row[0] for row in rows] == ["Lily", "LoRA"]
-    for row in rows:
-        assert row[1:4] == ["4", "0.001", "off"] and row[-1] == "1"
+    for row, method in zip(rows, ("lily", "lora"), strict=True):
+        assert row[1:4] == ["4", f"{subject_driven.RECIPE[method].learning_rate:g}", "off"] and row[-1] == "1"
         values = [cell_value(cell) for cell in row[5:-1]]
         assert all("(n=1)" in cell for cell in row[5:-1])  # one run: no interval, no "± 0.000"
         assert -1.0 <= values[1] <= 1.0  # similarity is a cosine
@@ -110,7 +110,9 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     assert int(rows[0][4].replace(",", "")) == 32000 and int(rows[1][4].replace(",", "")) == 32768
 
     paired = section(report, "Lily vs LoRA, paired over (subject, seed)")
-    assert "- budget of LoRA rank 4: Lily (32,000 params, lr 0.001, no prior) − LoRA (32,768 params" in paired
+    assert (
+        "- budget of LoRA rank 4: Lily (32,000 params, lr 0.003, no prior) − LoRA (32,768 params, lr 0.001" in paired
+    )
     assert "subject fidelity: " in paired and "prompt fidelity, unseen background: " in paired
     assert paired.count("sign test p = ") == 2
     assert table_rows(section(report, "Adapter sizes"))[1] == [
@@ -137,7 +139,7 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     # a second start with the same work_dir is refused without --resume, and with it reuses every score
     with pytest.raises(SystemExit):
         subject_driven.main([*flags, "--results", str(results)])
-    adapter = next((work_dir / "star-lily-budget4-lr0.001-noprior-seed0").glob("*.safetensors"))
+    adapter = next((work_dir / "star-lily-budget4-lr0.003-noprior-seed0").glob("*.safetensors"))
     trained_at = adapter.stat().st_mtime_ns
     again = subject_driven.main([*flags, "--resume", "--results", str(tmp_path / "again.md")])
     assert adapter.stat().st_mtime_ns == trained_at  # not trained again
