@@ -24,13 +24,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.learning_curve import machine
 from toyworld.compare import EvalPlan, RunResult, RunSpec, results_records, runs_grid
 from toyworld.compare_jobs import make_jobs, run_all_parallel
-from toyworld.methods import METHODS, REFERENCE_BUDGET, budget_label, method_name
+from toyworld.methods import METHODS, RECIPE, RECIPE_SOURCE, REFERENCE_BUDGET, budget_label, method_name
 from toyworld.paths import RESULTS as RESULTS_DIR
 from toyworld.paths import SAMPLES
 from toyworld.report import (
@@ -54,33 +53,6 @@ from toyworld.report import (
 from toyworld.runner import default_jobs, read_cached, use_one_thread
 from toyworld.subjects import DEFAULT_SUBJECT, SUBJECTS, get_subject
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one method is trained in the sweep: steps, learning rate, prior preservation and any further training
-    flags (they replace the comparison engine's defaults of the same name, e.g. `--lr_scheduler`)."""
-
-    steps: int
-    learning_rate: float
-    flags: tuple[str, ...] = ("--lr_scheduler=constant", "--cache_latents")
-    prior: bool = False
-
-
-# Per method, from the learning curves (benchmarks/results/learning_curves.md: 2400 steps, constant lr; LoRA r4 at
-# lr 1e-3 is the only setting that learned a subject) and `--lr_sweep` on square at 1e-3, 2e-3, 3e-3 and 5e-3
-# (benchmarks/results/subject_driven_lr_sweep.md): each method's rate with the highest progress to the target.
-RECIPE: dict[str, Recipe] = {
-    "lily": Recipe(2400, 3e-3),
-    "lora": Recipe(2400, 1e-3),
-    "dora": Recipe(2400, 1e-3),
-    "lokr": Recipe(2400, 5e-3),
-    "loha": Recipe(2400, 3e-3),
-}
-# Where RECIPE's learning rates come from (printed in the results file).
-RECIPE_SOURCE = (
-    "`--lr_sweep` on square at lr 1e-3, 2e-3, 3e-3 and 5e-3, one seed each, 2400 steps "
-    "(benchmarks/results/subject_driven_lr_sweep.md)"
-)
 SEEDS = (0, 1, 2)
 EVAL_SEEDS, QUICK_EVAL_SEEDS = (0, 1, 2, 3), (0, 1)
 QUICK_STEPS = 40

@@ -10,22 +10,24 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .compare import CLASS_PROMPT, INSTANCE_PROMPT, EvalPlan, RunSpec, best_grid, results_table
+from .compare import EvalPlan, RunSpec, best_grid, results_table
 from .compare_jobs import run_all_parallel
+from .methods import RECIPE
 from .runner import default_jobs, use_one_thread
 from .subjects import DEFAULT_SUBJECT
 
-DEMO_STEPS = 600
-# Per method, the setting with the best mean subject fidelity and similarity in the full benchmark
-# (benchmarks/results/subject_driven.md): lr 3e-3 without prior preservation for both.
-DEMO_LEARNING_RATES = {"lily": 3e-3, "lora": 3e-3}
+# Lily and LoRA with the benchmark's recipe (`toyworld.methods.RECIPE`: steps, learning rate, schedule, chosen by
+# benchmarks/subject_driven.py --lr_sweep), on the default subject at the rank-4 budget.
+DEMO_METHODS = ("lily", "lora")
 LORA_RANK = 4
 
 
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=Path, default=Path("output/demo"))
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="Training steps per adapter.")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Training steps per adapter (default: the benchmark's recipe)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--with_prior_preservation",
@@ -38,8 +40,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "--jobs", type=int, default=None, help="Processes at once, one torch thread each (default: one per core)."
     )
     args = parser.parse_args(input_args)
-    if args.jobs is not None and args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    for name in ("jobs", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -49,8 +52,16 @@ def main(input_args: Sequence[str] | None = None) -> Path:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plan = EvalPlan(seeds=tuple(range(args.eval_seeds)), steps=args.inference_steps)
     specs = [
-        RunSpec(method, lr, args.with_prior_preservation, args.seed, args.steps, budget=LORA_RANK)
-        for method, lr in DEMO_LEARNING_RATES.items()
+        RunSpec(
+            method,
+            RECIPE[method].learning_rate,
+            args.with_prior_preservation,
+            args.seed,
+            args.steps or RECIPE[method].steps,
+            budget=LORA_RANK,
+            extra_flags=RECIPE[method].flags,
+        )
+        for method in DEMO_METHODS
     ]
     use_one_thread()  # tiny models: a second thread per process only adds oversubscription on a busy machine
     results, base_scores, failed = run_all_parallel(specs, args.output_dir / "runs", plan, args.jobs or default_jobs())
@@ -58,7 +69,8 @@ def main(input_args: Sequence[str] | None = None) -> Path:
         raise SystemExit("; ".join(f"{o.job.name} failed: {o.error}" for o in failed))
     table = results_table(results, base_scores[DEFAULT_SUBJECT.name])
     (args.output_dir / "scores.md").write_text(table)
-    grid = best_grid(results, plan, [f"{INSTANCE_PROMPT} on a gray background", CLASS_PROMPT])
+    subject = DEFAULT_SUBJECT  # its unseen background: the subject somewhere its photos never showed it
+    grid = best_grid(results, plan, [subject.caption(subject.unseen_background), subject.class_prompt])
     grid.save(args.output_dir / "grid.png")
     logging.getLogger(__name__).info(
         "\n%s\nwrote %s and %s", table, args.output_dir / "scores.md", args.output_dir / "grid.png"

@@ -64,6 +64,34 @@ METHODS: dict[str, Method] = {
 }
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one method is trained in the sweep: steps, learning rate, prior preservation and any further training
+    flags (they replace the comparison engine's defaults of the same name, e.g. `--lr_scheduler`)."""
+
+    steps: int
+    learning_rate: float
+    flags: tuple[str, ...] = ("--lr_scheduler=constant", "--cache_latents")
+    prior: bool = False
+
+
+# Per method, from the learning curves (benchmarks/results/learning_curves.md: 2400 steps, constant lr; LoRA r4 at
+# lr 1e-3 is the only setting that learned a subject) and `--lr_sweep` on square at 1e-3, 2e-3, 3e-3 and 5e-3
+# (benchmarks/results/subject_driven_lr_sweep.md): each method's rate with the highest progress to the target.
+RECIPE: dict[str, Recipe] = {
+    "lily": Recipe(2400, 3e-3),
+    "lora": Recipe(2400, 1e-3),
+    "dora": Recipe(2400, 1e-3),
+    "lokr": Recipe(2400, 5e-3),
+    "loha": Recipe(2400, 3e-3),
+}
+# Where RECIPE's learning rates come from (printed in the results file).
+RECIPE_SOURCE = (
+    "`--lr_sweep` on square at lr 1e-3, 2e-3, 3e-3 and 5e-3, one seed each, 2400 steps "
+    "(benchmarks/results/subject_driven_lr_sweep.md)"
+)
+
+
 def method_name(method: str) -> str:
     """'Lily', 'LoRA', ...; an unknown name as given."""
     return METHODS[method].display_name if method in METHODS else method
