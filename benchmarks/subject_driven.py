@@ -254,11 +254,11 @@ def partial_note(missing: Sequence[RunSpec], planned: int, args: argparse.Namesp
     counts: dict[tuple[str, int], int] = {}
     for spec in missing:
         counts[(spec.method, spec.budget)] = counts.get((spec.method, spec.budget), 0) + 1
-    what = ", ".join(f"{method_name(m)} {budget_label(b)} ({n})" for (m, b), n in counts.items())
+    what = ", ".join(f"{method_name(m)} at {budget_label(b)}: {n}" for (m, b), n in counts.items())
     again = shlex.join(["python", "-m", "benchmarks.subject_driven", "--work_dir", str(args.work_dir), "--resume"])
     return (
         f"> **Partial: {planned - len(missing)} of {planned} planned runs have finished.** Every table below holds "
-        f"only the finished runs. Missing (runs): {what}. `{again}` trains only the missing ones.\n\n"
+        f"only the finished runs. Missing runs: {what}. `{again}` trains only the missing ones.\n\n"
     )
 
 
