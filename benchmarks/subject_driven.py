@@ -247,15 +247,19 @@ def finished_seconds(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -
     return seconds
 
 
-def partial_note(missing: Sequence[RunSpec], planned: int, args: argparse.Namespace) -> str:
-    """The block that marks a report of an unfinished plan, naming what is missing and how to continue."""
+def partial_note(missing: Sequence[RunSpec], planned: int, argv: Sequence[str]) -> str:
+    """The block that marks a report of an unfinished plan, naming what is missing and the command (this one's
+    arguments, training instead of `--report_only`) that continues it."""
     if not missing:
         return ""
     counts: dict[tuple[str, int], int] = {}
     for spec in missing:
         counts[(spec.method, spec.budget)] = counts.get((spec.method, spec.budget), 0) + 1
     what = ", ".join(f"{method_name(m)} at {budget_label(b)}: {n}" for (m, b), n in counts.items())
-    again = shlex.join(["python", "-m", "benchmarks.subject_driven", "--work_dir", str(args.work_dir), "--resume"])
+    flags = [flag for flag in argv if flag != "--report_only"]
+    again = shlex.join(
+        ["python", "-m", "benchmarks.subject_driven", *flags, *(["--resume"] * ("--resume" not in flags))]
+    )
     return (
         f"> **Partial: {planned - len(missing)} of {planned} planned runs have finished.** Every table below holds "
         f"only the finished runs. Missing runs: {what}. `{again}` trains only the missing ones.\n\n"
@@ -414,7 +418,7 @@ def main(input_args: Sequence[str] | None = None) -> str:
     failures = "".join(f"- {o.job.name}: {o.error}\n" for o in failed)
     title, _, body = render_report(args, records, base_scores, plan, extras).partition("\n\n")
     report = (
-        f"{title}\n\n{partial_note(missing, len(specs), args)}{body}"
+        f"{title}\n\n{partial_note(missing, len(specs), argv)}{body}"
         + (f"## Failed runs\n\n{failures}\n" if failures else "")
         + f"{len(run_seconds)} of {len(specs)} planned runs finished, {len(before)} of them by earlier invocations "
         f"(their scores cached in the work folder). Every finished run's own time, training and scoring in one "
