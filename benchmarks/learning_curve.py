@@ -33,6 +33,7 @@ from lily_diffusion.training.checkpointing import MARKER_NAME
 from toyworld.compare import EvalPlan, RunSpec, run_with_progress, score, training_flags
 from toyworld.evaluate import ToyEvaluator
 from toyworld.paths import BASE_MODEL_DIR, REPO, RESULTS, TRAIN_SCRIPT
+from toyworld.report import PROMPT_TARGET, SUBJECT_TARGET
 from toyworld.subjects import SUBJECTS, Subject
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ WORK_DIR = REPO / "output" / "learning_curves"
 SAVE_STEPS = (150, 300, 600, 900, 1200, 1500, 1800, 2100, 2400)
 EVAL_SEEDS = (0, 1, 2, 3)
 SCORE_COLUMNS = ("subject", "similarity", "background_seen", "background_unseen", "class_preservation")
-SUBJECT_TARGET, PROMPT_TARGET = 0.8, 0.9  # issue 11: the subject is learned at subject >= 0.8 and prompt >= 0.9
 # Flags the learning curve sets itself (its options, the run folder, its checkpoints): not for --train_flags.
 OWNED_FLAGS = (
     "adapter", "learning_rate", "seed", "max_train_steps", "output_dir", "checkpointing_steps",

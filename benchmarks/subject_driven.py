@@ -23,6 +23,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -252,9 +253,7 @@ def partial_note(missing: Sequence[RunSpec], planned: int, argv: Sequence[str]) 
     arguments, training instead of `--report_only`) that continues it."""
     if not missing:
         return ""
-    counts: dict[tuple[str, int], int] = {}
-    for spec in missing:
-        counts[(spec.method, spec.budget)] = counts.get((spec.method, spec.budget), 0) + 1
+    counts = Counter((spec.method, spec.budget) for spec in missing)
     what = ", ".join(f"{method_name(m)} at {budget_label(b)}: {n}" for (m, b), n in counts.items())
     flags = [flag for flag in argv if flag != "--report_only"]
     again = shlex.join(
