@@ -34,6 +34,7 @@ from .methods import REFERENCE_BUDGET, get_method, method_name
 from .paths import BASE_MODEL_DIR, TRAIN_SCRIPT
 from .paths import SUBJECT_DIR as SUBJECT_DIR  # re-exported: the default subject's folder
 from .render import BACKGROUNDS
+from .runner import popen_dying_with_parent
 from .subjects import CLASS_PROMPT as CLASS_PROMPT  # re-exported: the default subject's prompts
 from .subjects import DEFAULT_SUBJECT, INSTANCE_PROMPT, Subject, get_subject
 
@@ -169,12 +170,13 @@ def run_with_progress(command: Sequence[str], name: str, total_steps: int) -> tu
     """Run the training script, showing its step count on one progress bar; returns (exit code, last lines).
 
     The child's output is read line by line (tqdm's carriage returns count as line ends) and only
-    its "Steps" bar is shown, so 36 runs do not flood the terminal with library warnings.
+    its "Steps" bar is shown, so 36 runs do not flood the terminal with library warnings. On Linux the child is
+    killed when this process ends (a killed benchmark's worker leaves no training running).
     """
     tail: deque[str] = deque(maxlen=40)
     with (
         tqdm(total=total_steps, desc=f"training {name}", unit="step", leave=False) as progress,
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child,
+        popen_dying_with_parent(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child,
     ):
         assert child.stdout is not None
         for line in child.stdout:

@@ -6,16 +6,23 @@ written to `<cache_dir>/<name>-<key>.json`, the key a hash of everything the res
 `settings`): an interrupted benchmark started again with the same cache skips what it finished. A job that
 raises is reported with a one-line error (its full text goes to `<name>-<key>.error.txt`) and the others go
 on. One progress bar counts jobs (done/total, elapsed, ETA); each finished job logs one line.
+
+On Linux the workers, and the processes they start through `popen_dying_with_parent` (the training script), are
+killed when their parent ends: a benchmark killed (SIGKILL, SIGTERM) leaves no orphan running its queued jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -40,6 +47,20 @@ WORKER_ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
 }
 CACHE_VERSION = 1
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's `prctl` on Linux; None elsewhere (or where it cannot be found)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # looked up here, not between fork and exec
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,29 @@ def use_one_thread() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _worker_init() -> None:
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent (process `parent`) ends; if it already has, die
+    now. Elsewhere nothing.
+
+    Safe as a `preexec_fn` (between fork and exec; the setting survives exec). The kernel signals on the end of the
+    parent *thread* that started this process: start such processes from a thread that lives as long as they should.
+    The parent check closes the race of a parent that ended before the `prctl`.
+    """
+    if _PRCTL is None or _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def popen_dying_with_parent(command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """`subprocess.Popen(command, **kwargs)` whose child is killed when this process ends (Linux)."""
+    if _PRCTL is not None:
+        kwargs["preexec_fn"] = functools.partial(die_with_parent, os.getpid())
+    return subprocess.Popen(command, **kwargs)
+
+
+def _worker_init(parent: int) -> None:
+    die_with_parent(parent)
     use_one_thread()
     logging.getLogger().setLevel(logging.WARNING)
 
@@ -241,7 +284,9 @@ def run_jobs(
             context = multiprocessing.get_context("spawn")
             with (
                 _worker_environment(),
-                ProcessPoolExecutor(min(n_jobs, len(pending)), mp_context=context, initializer=_worker_init) as pool,
+                ProcessPoolExecutor(
+                    min(n_jobs, len(pending)), mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+                ) as pool,
             ):
                 for job in serial:
                     future = _submit(pool, work, job)

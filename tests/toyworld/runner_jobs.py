@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from toyworld.runner import popen_dying_with_parent
 
 
 def square(payload: tuple[int, Path]) -> dict[str, Any]:
@@ -38,3 +41,14 @@ def die(payload: tuple[int, Path]) -> dict[str, Any]:
     if payload[0] < 0:
         os._exit(9)
     return square(payload)
+
+
+def linger(pid_file: str) -> dict[str, Any]:
+    """A long job: start a child as `run_with_progress` starts the training script, write 'worker-pid child-pid' to
+    `pid_file`, and wait for the child (30 s: a bound on what a failing test leaves behind)."""
+    child = popen_dying_with_parent([sys.executable, "-c", "import time; time.sleep(30)"])
+    partial = Path(f"{pid_file}.partial")
+    partial.write_text(f"{os.getpid()} {child.pid}\n")
+    partial.replace(pid_file)
+    child.wait()
+    return {}

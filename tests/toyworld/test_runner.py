@@ -1,11 +1,20 @@
 """The parallel, resumable job runner with real worker processes (tiny work functions, so it stays fast)."""
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.toyworld import runner_jobs
+from toyworld.paths import REPO
 from toyworld.runner import Job, one_line_error, run_jobs
 
 
@@ -105,3 +114,71 @@ def test_one_line_error():
         "RuntimeError: training x failed: ... error: --lr is 0"
     )
     assert one_line_error(KeyError()) == "KeyError"
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie, ended but not yet reaped, has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether `condition()` came true within `seconds` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_whose_parent_already_ended_dies_at_once():
+    code = (
+        "import os; from toyworld.runner import die_with_parent\n"
+        "die_with_parent(os.getppid()); print('kept', flush=True)\n"
+        "die_with_parent(os.getppid() + 1); print('not killed', flush=True)"  # as if the parent ended before
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (-signal.SIGKILL, "kept\n")
+
+
+BENCHMARK = """
+import sys
+from tests.toyworld import runner_jobs
+from toyworld.runner import Job, run_jobs
+run_jobs([Job("linger", sys.argv[1], {})], runner_jobs.linger, n_jobs=1)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_benchmarks_worker_and_its_child_die_with_it(tmp_path, signal_number):
+    pid_file, log = tmp_path / "pids.txt", tmp_path / "benchmark.log"
+    with log.open("w") as output:  # (its resource tracker's note on the killed pool's semaphores goes here too)
+        benchmark = subprocess.Popen(
+            [sys.executable, "-c", BENCHMARK, str(pid_file)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    pids: list[int] = []
+    try:
+        assert wait_for(lambda: pid_file.exists() or benchmark.poll() is not None, 60), "no worker started in 60 s"
+        assert pid_file.exists(), log.read_text()
+        pids = [int(pid) for pid in pid_file.read_text().split()]  # the worker, the process it started
+        assert len(pids) == 2 and all(running(pid) for pid in pids)
+        benchmark.send_signal(signal_number)
+        assert benchmark.wait(10) == -signal_number
+        assert wait_for(lambda: not any(running(pid) for pid in pids), 5), "orphans still running"
+    finally:
+        benchmark.kill()
+        benchmark.wait()
+        for pid in pids:
+            if running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
