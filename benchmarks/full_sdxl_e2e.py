@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from toyworld.full_sdxl import DIVISORS, FP16_VARIANT, folder_bytes
+from toyworld.runner import popen_dying_with_parent
 
 from .report import format_table, machine_description, versions
 
@@ -53,13 +54,14 @@ class Phase:
 
 
 def run_phase(name: str, command: list[str], log_dir: Path) -> Phase:
-    """Run `command` to its end; its output goes to log_dir/<name>.log; a failure raises with the log's tail."""
+    """Run `command` to its end (killed if this process is); its output goes to log_dir/<name>.log; a failure
+    raises with the log's tail."""
     log = log_dir / f"{name}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     logger.info("%s: %s", name, " ".join(command))
     started = time.perf_counter()
     with log.open("w") as handle:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        process = popen_dying_with_parent(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS (kB on Linux)
         process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started

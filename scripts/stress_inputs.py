@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import hashlib
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toyworld.paths import REPO
+from toyworld.runner import die_with_parent, popen_dying_with_parent
 
 logger = logging.getLogger("stress")
 
@@ -52,7 +51,6 @@ ENVIRONMENT = {
 }
 TRACEBACK = "Traceback (most recent call last)"
 POLL_S = 0.01
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -93,23 +91,18 @@ def _child_spec(step, case_dir: Path, index: int, fixtures) -> object:
     )
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that forked it ends (no step outlives its case)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _fork_step(spec) -> int:
     from .stress_child import child_main
 
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.setpgid(0, 0)
-            _die_with_parent()
+            die_with_parent(parent)  # no step outlives its case
             code = child_main(spec)
         finally:
             os._exit(code)
@@ -124,14 +117,13 @@ def _exec_step(spec) -> int:
     spec_file.write_text(spec_to_json(spec))
     env = {**os.environ, **spec.env, "PYTHONPATH": str(REPO)}
     with open(spec.stderr, "ab") as err:
-        process = subprocess.Popen(
+        process = popen_dying_with_parent(
             [sys.executable, "-m", "scripts.stress_child", str(spec_file)],
             cwd=spec.cwd,
             env=env,
             stdout=err,
             stderr=err,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
     return process.pid
 
