@@ -241,11 +241,9 @@ def finished_seconds(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -
     """The runs of `specs` that `work_dir`'s cache holds for these settings, by name: the seconds each one's job took
     (training and scoring, in one process)."""
     cache_dir = work_dir / "scores"
-    seconds = {}
-    for job in make_jobs(specs, work_dir, plan):
-        if job.payload.spec is not None and read_cached(job, cache_dir) is not None:
-            seconds[job.name] = float(json.loads(job.cache_file(cache_dir).read_text()).get("seconds", 0.0))
-    return seconds
+    runs = [job for job in make_jobs(specs, work_dir, plan) if job.payload.spec is not None]  # not the base model
+    cached = {job.name: read_cached(job, cache_dir) for job in runs}
+    return {name: entry.seconds for name, entry in cached.items() if entry is not None}
 
 
 def partial_note(missing: Sequence[RunSpec], planned: int, argv: Sequence[str]) -> str:

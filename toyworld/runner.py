@@ -83,7 +83,8 @@ class Job(Generic[P]):
 
 @dataclass(frozen=True)
 class Outcome(Generic[P]):
-    """What became of one job: its result (JSON data) or its one-line error, and whether it came from the cache."""
+    """What became of one job: its result (JSON data) or its one-line error, whether it came from the cache, and
+    the seconds it took (when it ran, for a cached one; 0 for a failed one)."""
 
     job: Job[P]
     result: dict[str, Any] | None
@@ -165,8 +166,16 @@ def one_line_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def read_cached(job: Job[Any], cache_dir: Path | None) -> dict[str, Any] | None:
-    """The job's cached result, or None (no cache, none written yet, or an unreadable or foreign file)."""
+@dataclass(frozen=True)
+class Cached:
+    """A cache entry: a finished job's result and the seconds the job took when it ran."""
+
+    result: dict[str, Any]
+    seconds: float
+
+
+def read_cached(job: Job[Any], cache_dir: Path | None) -> Cached | None:
+    """The job's cache entry, or None (no cache, none written yet, or an unreadable or foreign file)."""
     if cache_dir is None:
         return None
     path = job.cache_file(cache_dir)
@@ -180,7 +189,8 @@ def read_cached(job: Job[Any], cache_dir: Path | None) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("key") != job.key or not isinstance(record.get("result"), dict):
         logger.warning("ignoring cache file %s: not this job's; running %s again", path, job.name)
         return None
-    return record["result"]
+    seconds = record.get("seconds", 0.0)
+    return Cached(record["result"], float(seconds) if isinstance(seconds, int | float) else 0.0)
 
 
 def write_cached(job: Job[Any], cache_dir: Path, result: dict[str, Any], seconds: float) -> Path:
@@ -240,9 +250,9 @@ def run_jobs(
         raise ValueError(f"--jobs must be at least 1, got {n_jobs}")
     outcomes: dict[str, Outcome[P]] = {}
     for job in jobs:
-        result = read_cached(job, cache_dir)
-        if result is not None:
-            outcomes[job.name] = Outcome(job, result, None, True, 0.0)
+        cached = read_cached(job, cache_dir)
+        if cached is not None:
+            outcomes[job.name] = Outcome(job, cached.result, None, True, cached.seconds)
     pending = [job for job in jobs if job.name not in outcomes]
     if outcomes:
         logger.info(

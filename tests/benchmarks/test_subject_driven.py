@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from benchmarks import subject_driven
+from toyworld.compare_jobs import make_jobs
 from toyworld.methods import METHODS
+from toyworld.runner import write_cached
 from toyworld.subjects import SUBJECTS
 
 SCORE_HEADERS = [
@@ -80,6 +82,20 @@ def table_rows(text):
     lines = [line for line in text.splitlines() if line.startswith("|")]
     parse = lambda line: [cell.strip() for cell in line.strip("|").split("|")]  # noqa: E731
     return parse(lines[0]), [parse(line) for line in lines[2:]]
+
+
+def test_finished_seconds_are_the_cached_runs_own(tmp_path):
+    specs = subject_driven.plan_of(subject_driven.parse_args(["--quick"]))
+    plan = subject_driven.EvalPlan(seeds=(0,))
+    base, lily, lora = make_jobs(specs, tmp_path, plan)
+    cache = tmp_path / "scores"
+    assert subject_driven.finished_seconds(specs, tmp_path, plan) == {}
+    write_cached(base, cache, {"scores": {}}, 5.0)  # the base model's job is no run
+    write_cached(lily, cache, {"scores": {}}, 123.25)
+    lora.cache_file(cache).write_text("{half a file")  # unreadable: not finished
+    assert subject_driven.finished_seconds(specs, tmp_path, plan) == {lily.name: 123.25}
+    # another plan's settings are other jobs: this cache holds none of them
+    assert subject_driven.finished_seconds(specs, tmp_path, subject_driven.EvalPlan(seeds=(0, 1))) == {}
 
 
 def cell_value(cell):

@@ -49,6 +49,17 @@ def test_jobs_run_in_workers_and_are_cached_by_their_settings(tmp_path):
     assert not outcomes[0].cached and ran(log) == [1, 2, 3, 3, 5]
 
 
+def test_a_cached_outcome_keeps_the_seconds_its_job_took_when_it_ran(tmp_path):
+    cache = tmp_path / "cache"
+    jobs = [Job(name, (name, 0.2), {"name": name}) for name in ("a", "b")]
+    ran = run_jobs(jobs, runner_jobs.interval, n_jobs=2, cache_dir=cache)
+    assert all(not o.cached and 0.2 <= o.seconds < 5 for o in ran)
+    again = run_jobs(jobs, runner_jobs.interval, n_jobs=2, cache_dir=cache)
+    assert all(o.cached for o in again)
+    assert [o.seconds for o in again] == [o.seconds for o in ran]
+    assert [o.result for o in again] == [o.result for o in ran]  # not run again: the same start and end
+
+
 def test_a_failing_job_is_reported_in_one_line_and_the_others_finish(tmp_path, caplog):
     log, cache = tmp_path / "calls.txt", tmp_path / "cache"
     with caplog.at_level(logging.INFO, logger="toyworld.runner"):
