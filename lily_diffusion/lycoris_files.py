@@ -24,11 +24,11 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import recurse_remove_peft_layers
 from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .patterns import shorten
 from .serialization import COMPONENTS, tensors_by_component, write_atomically
+from .tensor_files import read_safetensors
 
 FORMAT = "lily_diffusion.lycoris"
 CONFIG_KEY_PREFIX = "config."
@@ -118,18 +118,17 @@ def parse_config(kind: str, text: str, where: str) -> LoKrConfig | LoHaConfig:
         raise LycorisFileError(f"{where} is not a valid {kind} config: {shorten(error)}.") from None
 
 
+def _check_kind(path: Path, metadata: dict[str, str], keys: list[str]) -> None:
+    """Refuse a file whose metadata does not name a LoKr/LoHa kind (before its tensors are read)."""
+    if file_kind(metadata) is None:
+        raise LycorisFileError(f"{path} is not a lily_diffusion LoKr/LoHa file (its metadata says otherwise).")
+
+
 def read_lycoris_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, LycorisComponent]]:
     """The kind and components of a LoKr/LoHa file, every config and tensor checked (nothing is loaded into a
     model)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            kind = file_kind(metadata)
-            if kind is None:
-                raise LycorisFileError(f"{path} is not a lily_diffusion LoKr/LoHa file (its metadata says otherwise).")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as error:
-        raise LycorisFileError(f"{path} is not a readable safetensors file: {shorten(error)}.") from None
+    metadata, tensors = read_safetensors(Path(path), LycorisFileError, _check_kind)
+    kind = file_kind(metadata)  # not None: _check_kind refused the file otherwise
     components: dict[str, LycorisComponent] = {}
     parts = tensors_by_component(tensors, metadata, CONFIG_KEY_PREFIX, str(path), LycorisFileError)
     for component, own, text in parts:

@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .adapter import LilyAdapter
@@ -22,6 +20,7 @@ from .config import LilyConfig
 from .patterns import shorten
 from .serialization import LilyComponentWeights, LilyFileError, attach_lily_weights, check_finite
 from .sharing import LilyLayout, build_layout
+from .tensor_files import read_safetensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,10 +37,7 @@ def read_peft_lily(peft_dir: str | os.PathLike[str], model: nn.Module, routing: 
             f"{folder} is not a peft adapter folder: it needs {PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME}."
         )
     config = _read_peft_config(config_path, routing)
-    try:
-        peft_tensors = load_file(str(weights_path))
-    except SafetensorError as error:
-        raise LilyFileError(f"{weights_path} is not a readable safetensors file: {error}") from error
+    _, peft_tensors = read_safetensors(weights_path, LilyFileError)
     check_finite(peft_tensors, str(weights_path))
     try:
         layout = build_layout(model, config)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,6 +25,7 @@ from .config import LilyConfig
 from .lora_files import is_lora_file
 from .patterns import shorten
 from .sharing import LilyLayout, build_layout
+from .tensor_files import read_safetensors
 
 WEIGHTS_NAME = "pytorch_lily_weights.safetensors"
 FORMAT = "lily_diffusion"
@@ -174,14 +174,7 @@ def resolve_weights_path(
 def read_lily_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LilyComponentWeights]:
     """Read and check a Lily file; returns its components (config and tensors) by name."""
     path = resolve_weights_path(path_or_dir)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = list(handle.keys())
-            _check_format(path, metadata, keys)
-            tensors = {key: handle.get_tensor(key) for key in keys}
-    except SafetensorError as error:
-        raise LilyFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    metadata, tensors = read_safetensors(path, LilyFileError, _check_format)
     return split_components(tensors, metadata, str(path))
 
 

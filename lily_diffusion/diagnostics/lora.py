@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..lora_files import LORA_WEIGHT_NAME
 from ..serialization import FORMAT, resolve_weights_path
+from ..tensor_files import read_safetensors
 from .stats import effective_rank, lora_singular_values
 
 logger = logging.getLogger(__name__)
@@ -55,12 +55,7 @@ class LoraLayerStats:
 def read_lora_file(path_or_dir: str | os.PathLike[str]) -> dict[str, LoraLayer]:
     """The file's LoRA layers keyed `component.module path`; a one-line `LoraFileError` for anything else."""
     path = resolve_weights_path(path_or_dir, LORA_WEIGHT_NAME, "LoRA")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except SafetensorError as error:
-        raise LoraFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    metadata, tensors = read_safetensors(path, LoraFileError)
     if metadata.get("format") == FORMAT:
         raise LoraFileError(f"{path} is a Lily file, not a LoRA: pass it as the ADAPTER argument.")
     if any("lora_magnitude_vector" in key or key.endswith(".dora_scale") for key in tensors):
