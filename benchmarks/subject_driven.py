@@ -27,8 +27,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from diffusers.optimization import SchedulerType
+
 from benchmarks.learning_curve import machine
-from toyworld.compare import EvalPlan, RunResult, RunSpec, results_records, runs_grid
+from toyworld.compare import EvalPlan, RunResult, RunSpec, override_flags, results_records, runs_grid
 from toyworld.compare_jobs import make_jobs, run_all_parallel
 from toyworld.methods import METHODS, RECIPE, RECIPE_SOURCE, REFERENCE_BUDGET, budget_label, method_name
 from toyworld.paths import RESULTS as RESULTS_DIR
@@ -142,6 +144,13 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"The learning rates of --lr_sweep (default {' '.join(f'{lr:g}' for lr in LR_SWEEP_RATES)}).",
     )
     parser.add_argument(
+        "--lr_scheduler",
+        choices=[kind.value for kind in SchedulerType],
+        default=None,
+        help="The learning-rate schedule of every run (default: each method's RECIPE schedule). A run whose "
+        "schedule is not constant has it in its name (star-lily-budget4-lr0.003-cosine-noprior-seed0).",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -225,15 +234,21 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 def plan_of(args: argparse.Namespace) -> list[RunSpec]:
     """The runs the arguments ask for."""
-    if args.quick:
-        return quick_plan(args.subject or DEFAULT_SUBJECT.name, args.steps or QUICK_STEPS)
     methods = args.methods or list(METHODS)
-    if args.lr_sweep:
+    if args.quick:
+        plan = quick_plan(args.subject or DEFAULT_SUBJECT.name, args.steps or QUICK_STEPS)
+    elif args.lr_sweep:
         rates = args.learning_rates or LR_SWEEP_RATES
-        return lr_sweep_plan(methods, args.subject or LR_SWEEP_SUBJECT, rates, args.steps)
-    plan = full_plan(methods)
-    return (
-        plan if args.steps is None else [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in plan]
+        plan = lr_sweep_plan(methods, args.subject or LR_SWEEP_SUBJECT, rates, args.steps)
+    else:
+        plan = [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in full_plan(methods)]
+    return plan if args.lr_scheduler is None else [with_schedule(spec, args.lr_scheduler) for spec in plan]
+
+
+def with_schedule(spec: RunSpec, schedule: str) -> RunSpec:
+    """The run with `--lr_scheduler=schedule` in place of its recipe's (its name says so unless constant)."""
+    return dataclasses.replace(
+        spec, extra_flags=tuple(override_flags(spec.extra_flags, [f"--lr_scheduler={schedule}"]))
     )
 
 
@@ -353,7 +368,7 @@ def render_report(
             f"One training seed per (method, lr); {scoring}\n\nRuns:\n{plan_lines(records)}\n"
             f"{summary_table(records, base_scores.get(subjects[0]) if subjects else None)}\n{LEGEND}\n"
             "## Best learning rate per method\n\nEach method's best lr on this one subject is then fixed in "
-            "`RECIPE` (benchmarks/subject_driven.py) for every subject of the full sweep. Best means the highest "
+            "`RECIPE` (toyworld/methods.py) for every subject of the full sweep. Best means the highest "
             f"progress to the target: min(subject fidelity / {SUBJECT_TARGET}, prompt fidelity / {PROMPT_TARGET}), "
             "so a rate that learns the subject by losing the asked background does not win.\n\n"
             f"{lr_sweep_lines(records)}\n"

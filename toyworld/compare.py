@@ -55,16 +55,26 @@ class RunSpec:
     extra_flags: tuple[str, ...] = ()  # training flags of the recipe, e.g. ("--lr_scheduler=cosine",)
 
     @property
+    def schedule(self) -> str:
+        """The learning-rate schedule: the last `--lr_scheduler` of `extra_flags`, else the engine's constant."""
+        given = [flag.split("=", 1)[1] for flag in self.extra_flags if flag.startswith("--lr_scheduler=")]
+        return given[-1] if given else "constant"
+
+    @property
     def name(self) -> str:
-        """'star-lily-budget4-lr0.003-noprior-seed0': unique in a sweep, file-name safe."""
+        """'star-lily-budget4-lr0.003-noprior-seed0' ('lr0.003-cosine' for a schedule other than constant): unique
+        in a sweep, file-name safe."""
         prior = "prior" if self.prior else "noprior"
-        return f"{self.subject}-{self.method}-budget{self.budget}-lr{self.learning_rate:g}-{prior}-seed{self.seed}"
+        lr = f"lr{self.learning_rate:g}" + ("" if self.schedule == "constant" else f"-{self.schedule}")
+        return f"{self.subject}-{self.method}-budget{self.budget}-{lr}-{prior}-seed{self.seed}"
 
     @property
     def label(self) -> str:
-        """The run for people: "Lily lr 0.003, prior, seed 0"."""
+        """The run for people: "Lily lr 0.003, prior, seed 0" ("lr 0.003 cosine" for a schedule other than
+        constant)."""
         prior = "prior" if self.prior else "no prior"
-        return f"{method_name(self.method)} lr {self.learning_rate:g}, {prior}, seed {self.seed}"
+        schedule = "" if self.schedule == "constant" else f" {self.schedule}"
+        return f"{method_name(self.method)} lr {self.learning_rate:g}{schedule}, {prior}, seed {self.seed}"
 
     @property
     def setting(self) -> tuple[str, float, bool]:

@@ -73,6 +73,21 @@ def test_quick_and_lr_sweep_plans():
     assert len(default_sweep) == len(list(METHODS)) * len(subject_driven.LR_SWEEP_RATES)
 
 
+@pytest.mark.parametrize("mode", [["--quick"], ["--lr_sweep"], []])
+def test_lr_scheduler_replaces_the_recipes_schedule_in_every_plan(mode):
+    recipe = subject_driven.plan_of(subject_driven.parse_args(mode))
+    cosine = subject_driven.plan_of(subject_driven.parse_args([*mode, "--lr_scheduler", "cosine"]))
+    assert [(r.method, r.learning_rate, r.budget, r.subject, r.seed, r.steps) for r in cosine] == [
+        (r.method, r.learning_rate, r.budget, r.subject, r.seed, r.steps) for r in recipe
+    ]
+    assert {r.schedule for r in recipe} == {"constant"} and {r.schedule for r in cosine} == {"cosine"}
+    assert all(
+        [f for f in r.extra_flags if f.startswith("--lr_scheduler")] == ["--lr_scheduler=cosine"] for r in cosine
+    )
+    assert all("--cache_latents" in r.extra_flags for r in cosine)  # the rest of the recipe is kept
+    assert not {r.name for r in cosine} & {r.name for r in recipe}  # their own folders and cache entries
+
+
 def section(report, heading):
     """The text under a '## heading' up to the next '## '."""
     return report.split(f"## {heading}\n\n", 1)[1].split("\n## ", 1)[0]
@@ -182,6 +197,7 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
         (["--resume"], "--resume needs --work_dir"),
         (["--report_only"], "--report_only needs --work_dir"),
         (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--lr_scheduler", "exponential"], "--lr_scheduler: invalid choice"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--inference_steps", "0"], "--inference_steps must be at least 1"),
         (["--learning_curve", "no/such/curve.json"], "is not a file"),

@@ -33,7 +33,14 @@ def test_evaluator_separates_the_subject_from_plain_stars():
 
 def test_training_flags_follow_the_method_table_and_the_recipe_flags_replace_defaults(tmp_path):
     spec = RunSpec("lily", 1e-3, True, 2, 300, "square", 2, ("--lr_scheduler=cosine", "--cache_latents"))
-    assert spec.name == "square-lily-budget2-lr0.001-prior-seed2"
+    assert spec.name == "square-lily-budget2-lr0.001-cosine-prior-seed2"  # never the folder of a constant-lr run
+    assert spec.label == "Lily lr 0.001 cosine, prior, seed 2"
+    constant = RunSpec("lily", 1e-3, True, 2, 300, "square", 2, ("--lr_scheduler=constant",))
+    assert (
+        constant.name
+        == RunSpec("lily", 1e-3, True, 2, 300, "square", 2).name
+        == "square-lily-budget2-lr0.001-prior-seed2"
+    )
     flags = training_flags(spec, tmp_path / "out", tmp_path / "class")
     assert "--instance_data_dir=" + str(SUBJECTS["square"].folder) in flags
     assert "--class_prompt=a photo of a square" in flags and f"--class_data_dir={tmp_path / 'class'}" in flags
