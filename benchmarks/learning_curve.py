@@ -202,7 +202,7 @@ def save_records(records: dict[str, dict], json_path: Path, md_path: Path) -> No
     notes = ""
     if md_path.is_file() and NOTES_HEADING in md_path.read_text():
         notes = md_path.read_text()[md_path.read_text().index(NOTES_HEADING) :]
-    md_path.write_text(render_markdown(records) + ("\n" + notes if notes else ""))
+    md_path.write_text(render_markdown(records, json_path.name) + ("\n" + notes if notes else ""))
 
 
 def first_reached(points: dict[str, dict[str, float]]) -> int | None:
@@ -230,8 +230,14 @@ def curve_table(run: dict, base: dict[str, float] | None) -> str:
     return header + "\n".join(rows) + "\n"
 
 
-def render_markdown(records: dict[str, dict]) -> str:
-    """The results file: a summary line per run, then each run's curve with its command, machine and wall times."""
+def table_cell(text: str) -> str:
+    """`text` safe inside a markdown table cell (a run named by a regex flag holds '|')."""
+    return text.replace("|", "\\|")
+
+
+def render_markdown(records: dict[str, dict], json_name: str = "learning_curves.json") -> str:
+    """The results file (regenerated from `json_name`): a summary line per run, then each run's curve with its
+    command, machine and wall times."""
     parts = [
         "# Learning curves: where each method learns the subject\n\n"
         "One training run per (subject, method, setting) with `train_dreambooth_lily.py` on `assets/toy-sdxl-base` "
@@ -242,7 +248,7 @@ def render_markdown(records: dict[str, dict]) -> str:
         "the which-subject CNN, prompt fidelity = the fraction of images showing the background asked, for the "
         "subject's two seen backgrounds and its unseen one, class preservation = the fraction of class-prompt images "
         "that are the plain class). Lily: stride_A 4, num_B 4, r picked by `--match_lora_budget` (the LoRA rank "
-        "given). Regenerated from `learning_curves.json` by `python -m benchmarks.learning_curve`; one seed per "
+        f"given). Regenerated from `{json_name}` by `python -m benchmarks.learning_curve`; one seed per "
         "run, so every number is one run's (n=1). Images are scored at guidance 5 unless the run's section says "
         "otherwise.\n\n"
         f"Reached = the first scored step with subject fidelity >= {SUBJECT_TARGET} and prompt fidelity (all three "
@@ -258,7 +264,8 @@ def render_markdown(records: dict[str, dict]) -> str:
         reached = first_reached(points)
         train_s = run.get("train_seconds")
         parts.append(
-            f"| {name} | {run.get('params', 0):,} | {best_cell} | {reached if reached is not None else 'not reached'} "
+            f"| {table_cell(name)} | {run.get('params', 0):,} | {best_cell} "
+            f"| {reached if reached is not None else 'not reached'} "
             f"| {f'{train_s / 60:.1f} min' if train_s else 'n/a'} |\n"
         )
     for name, run in runs.items():

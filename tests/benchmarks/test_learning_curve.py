@@ -1,10 +1,20 @@
 """benchmarks.learning_curve end to end in its smallest form: a few steps, two save points, scored, then extended."""
 
 import json
+import re
 
 import pytest
 
-from benchmarks.learning_curve import base_key, first_reached, main, parse_args, run_flags, run_name, with_flag
+from benchmarks.learning_curve import (
+    base_key,
+    first_reached,
+    main,
+    parse_args,
+    render_markdown,
+    run_flags,
+    run_name,
+    with_flag,
+)
 from toyworld.subjects import SUBJECTS
 
 FLAGS = ["--subject", "square", "--method", "lily", "--save_steps", "2", "4", "--eval_seeds", "1"]
@@ -101,3 +111,24 @@ def test_first_reached_needs_both_targets():
     point = {"subject": 0.85, "background": 0.95}
     assert first_reached({"300": {"subject": 0.9, "background": 0.5}, "600": point}) == 600
     assert first_reached({"300": {"subject": 0.7, "background": 1.0}}) is None
+
+
+def test_a_run_named_by_a_regex_keeps_its_summary_row_whole_and_the_file_names_its_json():
+    scores = {"subject": 0.5, "similarity": 0.4, "background_seen": 1.0, "background_unseen": 1.0}
+    run = {
+        "points": {"600": {"scores": {**scores, "class_preservation": 0.5}, "score_seconds": 5.0}},
+        "subject": "star",
+        "learning_rate": 1e-3,
+        "max_steps": 600,
+        "params": 1000,
+        "eval_seeds": 4,
+        "inference_steps": 20,
+        "machine": "x",
+        "command": "python -m benchmarks.learning_curve",
+    }
+    name = "star-lora-r4-lr0.001-seed0-target_modules=.*(to_q|to_v)$"
+    text = render_markdown({"base": {}, "runs": {name: run}}, "learning_curves_recipe.json")
+    row = next(line for line in text.splitlines() if line.startswith("| star-lora"))
+    cells = [cell for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert len(cells) == 5 and cells[1].strip() == "1,000" and cells[2].strip() == "0.500 (600)"
+    assert "Regenerated from `learning_curves_recipe.json`" in text
