@@ -16,9 +16,7 @@ import argparse
 import json
 import logging
 import re
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from benchmarks.learning_curve import machine
+from benchmarks.learning_curve import machine, results_footer
 from lily_diffusion.grids import describe_adapter
 from toyworld.compare import EvalPlan, score
 from toyworld.evaluate import ToyEvaluator
@@ -139,9 +137,7 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict[str, list[fl
     started, where = time.perf_counter(), machine()
     sets = seed_sets(args.sets)
     table = score_runs(args.runs, sets)
-    given = sys.argv[1:] if input_args is None else list(input_args)
-    command = shlex.join(["python", "-m", "benchmarks.eval_noise", *given])
-    footer = f"Command: `{command}`  \nMachine: {where}  \nWall time: {(time.perf_counter() - started) / 60:.1f} min\n"
+    footer = results_footer("benchmarks.eval_noise", input_args, started, where)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(render(table, sets, footer))
     args.results.with_suffix(".json").write_text(json.dumps({"seed_sets": sets, "scores": table}, indent=1) + "\n")

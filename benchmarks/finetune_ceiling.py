@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
-from benchmarks.learning_curve import machine
+from benchmarks.learning_curve import machine, results_footer
 from lily_diffusion.grids import GridAdapter
 from toyworld.compare import EvalPlan, score
 from toyworld.evaluate import ToyEvaluator
@@ -136,9 +134,7 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict[int, dict[in
         name: {seed: finetune(get_subject(name), args.learning_rate, seed, sorted(args.steps)) for seed in args.seeds}
         for name in args.subjects
     }
-    given = sys.argv[1:] if input_args is None else list(input_args)
-    command = shlex.join(["python", "-m", "benchmarks.finetune_ceiling", *given])
-    footer = f"Command: `{command}`  \nMachine: {where}  \nWall time: {(time.perf_counter() - started) / 60:.1f} min\n"
+    footer = results_footer("benchmarks.finetune_ceiling", input_args, started, where)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(render(results, args.learning_rate, footer))
     args.results.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

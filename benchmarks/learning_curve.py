@@ -181,6 +181,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, load average {load}, {torch.get_num_threads()} torch thread(s)"
 
 
+def results_footer(module: str, input_args: Sequence[str] | None, started: float, where: str, note: str = "") -> str:
+    """A results file's last lines: the command that wrote it (this invocation's arguments), the machine and the
+    wall time since `started` (`time.perf_counter()`), with an optional note after it."""
+    given = sys.argv[1:] if input_args is None else list(input_args)
+    command = shlex.join(["python", "-m", module, *given])
+    wall = f"{(time.perf_counter() - started) / 60:.1f} min" + (f"; {note}" if note else "")
+    return f"Command: `{command}`  \nMachine: {where}  \nWall time: {wall}\n"
+
+
 def base_key(subject: str, guidance_scale: float) -> str:
     """The key of the base model's scores: the subject at the default guidance, 'star (guidance 3)' at another."""
     return subject if guidance_scale == EvalPlan.guidance_scale else f"{subject} (guidance {guidance_scale:g})"

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shlex
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from benchmarks.learning_curve import machine
+from benchmarks.learning_curve import machine, results_footer
 from lily_diffusion.grids import describe_adapter, generate_for_adapter
 from toyworld.compare import EvalPlan, RunSpec, override_flags, training_flags
 from toyworld.evaluate import ToyEvaluator
@@ -157,13 +156,9 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict[int, dict[st
             scores = score_variant(pipe, evaluator, subject, out, plan)
             table.setdefault(subject.name, {})[seed] = scores
             logger.info("%s seed %d: %s", subject.name, seed, {k: round(v, 3) for k, v in scores.items()})
-    given = sys.argv[1:] if input_args is None else list(input_args)
-    command = shlex.join(["python", "-m", "benchmarks.subject_factors", *given])
     runs = len(args.seeds) * len(args.variants)
-    footer = (
-        f"Command: `{command}`  \nMachine: {where}  \nWall time: {(time.perf_counter() - started) / 60:.1f} min; "
-        f"{trained} of {runs} runs trained by this invocation, the others' adapters found in --work_dir.\n"
-    )
+    note = f"{trained} of {runs} runs trained by this invocation, the others' adapters found in --work_dir."
+    footer = results_footer("benchmarks.subject_factors", input_args, started, where, note)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(render(table, spec, footer))
     args.results.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")

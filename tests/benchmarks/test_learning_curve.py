@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from benchmarks.learning_curve import (
     main,
     parse_args,
     render_markdown,
+    results_footer,
     run_flags,
     run_name,
     with_flag,
@@ -132,3 +134,13 @@ def test_a_run_named_by_a_regex_keeps_its_summary_row_whole_and_the_file_names_i
     cells = [cell for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
     assert len(cells) == 5 and cells[1].strip() == "1,000" and cells[2].strip() == "0.500 (600)"
     assert "Regenerated from `learning_curves_recipe.json`" in text
+
+
+def test_results_footer_names_the_command_machine_and_wall_time():
+    started = time.perf_counter() - 90
+    footer = results_footer("benchmarks.eval_noise", ["--runs", "a b"], started, "cpu", "1 of 2 trained")
+    assert footer.splitlines() == [
+        "Command: `python -m benchmarks.eval_noise --runs 'a b'`  ",
+        "Machine: cpu  ",
+        "Wall time: 1.5 min; 1 of 2 trained",
+    ]
