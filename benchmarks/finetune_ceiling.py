@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-from PIL import Image
 
 from benchmarks.learning_curve import machine, results_footer
 from lily_diffusion.grids import GridAdapter
+from lily_diffusion.training.data import list_image_files, open_rgb, read_captions
 from toyworld.compare import EvalPlan, score
 from toyworld.evaluate import ToyEvaluator
 from toyworld.paths import BASE_MODEL_DIR, RESULTS
@@ -44,15 +44,14 @@ def instance_batch(
     pipe: StableDiffusionXLPipeline, subject: Subject
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The instance images' latents and their captions' embeddings and pooled embeddings."""
-    rows = [json.loads(line) for line in (subject.folder / "metadata.jsonl").read_text().splitlines()]
-    pixels = [
-        np.asarray(Image.open(subject.folder / row["file_name"]).convert("RGB"), dtype=np.float32) for row in rows
-    ]
+    paths = list_image_files(subject.folder)  # read as the training script reads them
+    captions = read_captions(subject.folder, None)
+    pixels = [np.asarray(open_rgb(path), dtype=np.float32) for path in paths]
     images = torch.from_numpy(np.stack(pixels) / 127.5 - 1.0).permute(0, 3, 1, 2)
     with torch.no_grad():
         latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
         embeds, _, pooled, _ = pipe.encode_prompt(
-            [row["text"] for row in rows], device="cpu", do_classifier_free_guidance=False
+            [captions[path.name] for path in paths], device="cpu", do_classifier_free_guidance=False
         )
     return latents, embeds, pooled
 

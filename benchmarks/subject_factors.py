@@ -52,8 +52,13 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
 
 def variant_subject(shape: str, pattern: str, first: str, second: str) -> Subject:
     """A subject `shape-pattern-first-second`, seen on the backgrounds of the bundled subject of that shape."""
-    bundled = next(s for s in SUBJECTS.values() if s.shape == shape)
-    return Subject(f"{shape}-{pattern}-{first}-{second}", shape, pattern, (first, second), bundled.seen_backgrounds)
+    seen = bundled_subject(shape).seen_backgrounds
+    return Subject(f"{shape}-{pattern}-{first}-{second}", shape, pattern, (first, second), seen)
+
+
+def bundled_subject(shape: str) -> Subject:
+    """The bundled subject of `shape`: its backgrounds and training flags are a variant's."""
+    return next(s for s in SUBJECTS.values() if s.shape == shape)
 
 
 def train_variant(subject: Subject, spec: RunSpec, folder: Path) -> tuple[Path, bool]:
@@ -61,9 +66,8 @@ def train_variant(subject: Subject, spec: RunSpec, folder: Path) -> tuple[Path, 
     the adapter; returns the output folder and whether this call trained."""
     data, out = folder / "data", folder / "out"
     write_subject_samples(subject, data)
-    bundled = next(s for s in SUBJECTS.values() if s.shape == subject.shape)
     flags = override_flags(
-        training_flags(dataclasses.replace(spec, subject=bundled.name), out, folder / "class"),
+        training_flags(dataclasses.replace(spec, subject=bundled_subject(subject.shape).name), out, folder / "class"),
         [f"--instance_data_dir={data}"],
     )
     if any(out.glob("*.safetensors")):
