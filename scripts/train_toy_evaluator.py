@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from toyworld.classifiers import degrade, near_miss, to_unit
+from toyworld.classifiers import STRIPE_SCALES, degrade, near_miss, to_unit
 from toyworld.evaluate import DEFAULT_DIR, ToyEvaluator, as_uint8, train_evaluator
 from toyworld.paths import BASE_MODEL_DIR, RESULTS
 from toyworld.render import random_scenes, render_array, render_batch, sample_scene
@@ -179,6 +179,11 @@ def write_report(
         "Each subject has 5 instance images (`samples/subjects/<name>/`) on its two seen backgrounds; the unseen",
         'one is asked only at test time. *Held-out accuracy*: "P(subject) > 0.5" on 1,000 fresh renders, half the',
         "subject (any background), half not (a third each: base world, its near misses, the other subjects).",
+        "A striped subject is any phase of its stripes and a period within "
+        f"{STRIPE_SCALES[0]:g}-{STRIPE_SCALES[1]:g}x its own, in training and in these",
+        "renders: a subject CNN trained on the exact renders learned the stripes' phase (a star shifted by half a",
+        "period, i.e. its two colours swapped, scored P(star) 0.000) and gave 0 to generated striped stars a person",
+        "calls the subject.",
         "*VAE ceiling*: the images encoded (posterior mode) and decoded by the base model's VAE",
         "(`assets/toy-sdxl-base/vae`), then scored: every generated image comes out of that decoder, so no adapter",
         f"can do better. Ceilings on the instance images and on {CEILING_RENDERS} fresh renders on the unseen",
