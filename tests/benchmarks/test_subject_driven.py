@@ -46,7 +46,7 @@ def test_full_plan_is_every_method_budget_subject_and_seed():
         recipe.steps,
         recipe.learning_rate,
         recipe.flags,
-        False,
+        recipe.prior,
     )
     # the default plan holds only the methods the training script can train
     default = subject_driven.plan_of(subject_driven.parse_args([]))
@@ -76,16 +76,16 @@ def test_quick_and_lr_sweep_plans():
 @pytest.mark.parametrize("mode", [["--quick"], ["--lr_sweep"], []])
 def test_lr_scheduler_replaces_the_recipes_schedule_in_every_plan(mode):
     recipe = subject_driven.plan_of(subject_driven.parse_args(mode))
-    cosine = subject_driven.plan_of(subject_driven.parse_args([*mode, "--lr_scheduler", "cosine"]))
-    assert [(r.method, r.learning_rate, r.budget, r.subject, r.seed, r.steps) for r in cosine] == [
+    constant = subject_driven.plan_of(subject_driven.parse_args([*mode, "--lr_scheduler", "constant"]))
+    assert [(r.method, r.learning_rate, r.budget, r.subject, r.seed, r.steps) for r in constant] == [
         (r.method, r.learning_rate, r.budget, r.subject, r.seed, r.steps) for r in recipe
     ]
-    assert {r.schedule for r in recipe} == {"constant"} and {r.schedule for r in cosine} == {"cosine"}
+    assert {r.schedule for r in recipe} == {"cosine"} and {r.schedule for r in constant} == {"constant"}
     assert all(
-        [f for f in r.extra_flags if f.startswith("--lr_scheduler")] == ["--lr_scheduler=cosine"] for r in cosine
+        [f for f in r.extra_flags if f.startswith("--lr_scheduler")] == ["--lr_scheduler=constant"] for r in constant
     )
-    assert all("--cache_latents" in r.extra_flags for r in cosine)  # the rest of the recipe is kept
-    assert not {r.name for r in cosine} & {r.name for r in recipe}  # their own folders and cache entries
+    assert all("--cache_latents" in r.extra_flags for r in constant)  # the rest of the recipe is kept
+    assert not {r.name for r in constant} & {r.name for r in recipe}  # their own folders and cache entries
 
 
 def section(report, heading):
@@ -134,7 +134,8 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     assert header == ["method", "budget (LoRA rank)", "lr", "prior", "params", *SCORE_HEADERS, "n"]
     assert [row[0] for row in rows] == ["Lily", "LoRA"]
     for row, method in zip(rows, ("lily", "lora"), strict=True):
-        assert row[1:4] == ["4", f"{subject_driven.RECIPE[method].learning_rate:g}", "off"] and row[-1] == "1"
+        recipe = subject_driven.RECIPE[method]
+        assert row[1:4] == ["4", f"{recipe.learning_rate:g}", "on" if recipe.prior else "off"] and row[-1] == "1"
         values = [cell_value(cell) for cell in row[5:-1]]
         assert all("(n=1)" in cell for cell in row[5:-1])  # one run: no interval, no "± 0.000"
         assert -1.0 <= values[1] <= 1.0  # similarity is a cosine
@@ -143,7 +144,8 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
 
     paired = section(report, "Lily vs LoRA, paired over (subject, seed)")
     assert (
-        "- budget of LoRA rank 4: Lily (32,000 params, lr 0.003, no prior) − LoRA (32,768 params, lr 0.001" in paired
+        "- budget of LoRA rank 4: Lily (32,000 params, lr 0.006, no prior) − LoRA (32,768 params, lr 0.002, prior)"
+        in paired
     )
     assert "subject fidelity: " in paired and "prompt fidelity, unseen background: " in paired
     assert paired.count("sign test p = ") == 2
