@@ -173,7 +173,8 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     # a second start with the same work_dir is refused without --resume, and with it reuses every score
     with pytest.raises(SystemExit):
         subject_driven.main([*flags, "--results", str(results)])
-    adapter = next((work_dir / "star-lily-budget4-lr0.003-noprior-seed0").glob("*.safetensors"))
+    lily_run = subject_driven.quick_plan("star", 3)[0].name  # star-lily-budget4-lr0.006-cosine-noprior-seed0
+    adapter = next((work_dir / lily_run).glob("*.safetensors"))
     trained_at = adapter.stat().st_mtime_ns
     again = subject_driven.main([*flags, "--resume", "--results", str(tmp_path / "again.md")])
     assert adapter.stat().st_mtime_ns == trained_at  # not trained again

@@ -55,3 +55,16 @@ def test_stop_and_resume_is_bit_identical_to_one_run(tmp_path):
         assert all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a), name
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["minutes"] > 0 and summary["cpu_minutes"] > 0
+
+
+def test_vae_from_a_saved_pipeline_skips_stage_one_and_keeps_that_vae(tmp_path):
+    first = main(parse_args(_args(tmp_path / "first")))
+    second = main(parse_args(_args(tmp_path / "second", "--vae-from", str(first))))
+    assert not (tmp_path / "second" / "vae_state.pt").exists()
+    a, b = (load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (first, second))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    configs = (json.loads((folder / "vae" / "config.json").read_text()) for folder in (first, second))
+    scaling = [config["scaling_factor"] for config in configs]
+    assert len(set(scaling)) == 1
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert summary["vae_minutes"] == 0 and summary["unet_minutes"] > 0

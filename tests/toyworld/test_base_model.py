@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from toyworld.base_model import VOCAB_WORDS, build_tokenizers
 from toyworld.evaluate import ToyEvaluator
 from toyworld.prompts import generate
 from toyworld.render import BACKGROUNDS, COLOURS, SHAPES
@@ -49,6 +50,15 @@ def test_components_have_the_sdxl_architecture(pipe):
         assert tokenizer.tokenize("a photo of sks star on a gray background") == [
             w + "</w>" for w in "a photo of sks star on a gray background".split()
         ]
+
+
+def test_every_world_word_is_one_token_and_every_caption_fits(pipe):
+    """Words split into pieces would push the longest captions past the encoders' 16 tokens (then truncated)."""
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        assert all(tokenizer.tokenize(word) == [word + "</w>"] for word in VOCAB_WORDS)
+        longest = "a photo of a yellow and green striped triangle on a white background"
+        assert len(tokenizer(longest).input_ids) <= tokenizer.model_max_length == 16
+    assert build_tokenizers()[0].get_vocab() == pipe.tokenizer.get_vocab()
 
 
 def test_generates_what_the_prompt_asks_for(pipe):

@@ -17,12 +17,12 @@ def test_demo_trains_both_adapters_and_writes_the_grid_and_the_table(tmp_path):
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["base model (no training)", "lily", "lora"]
     # the benchmark's recipe for each (toyworld.methods.RECIPE)
     for row, method in zip(rows[2:], ("lily", "lora"), strict=True):
-        assert f"| {RECIPE[method].learning_rate:g} | off |" in row
+        assert f"| {RECIPE[method].learning_rate:g} | {'on' if RECIPE[method].prior else 'off'} |" in row
     grid = Image.open(output_dir / "grid.png")
     # columns: base, Lily, LoRA (64 px cells) beside a label column; rows: the subject and the class prompt
     assert grid.width > 3 * 64 and grid.height > 2 * 64
     lily = RECIPE["lily"].learning_rate
-    assert (output_dir / "runs" / f"star-lily-budget4-lr{lily:g}-noprior-seed0").is_dir()
+    assert (output_dir / "runs" / f"star-lily-budget4-lr{lily:g}-cosine-noprior-seed0").is_dir()
 
 
 def test_training_output_is_reduced_to_a_progress_bar_and_kept_for_errors():

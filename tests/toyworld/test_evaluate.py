@@ -107,6 +107,8 @@ def test_parse_prompt():
         "subject": True,
     }
     assert parse_prompt("a photo of a star") == {"shape": "star", "colour": None, "background": None, "subject": False}
+    two_colour = parse_prompt("a photo of a red and green striped star on a white background")
+    assert two_colour == {"shape": "star", "colour": None, "background": "white", "subject": False}
 
 
 def test_classifier_training_is_deterministic():

@@ -8,8 +8,10 @@ import pytest
 from toyworld.classifiers import shape_batch
 from toyworld.render import (
     BACKGROUNDS,
+    BASE_PATTERN_PAIRS,
     COLOURS,
     EXTRA_COLOURS,
+    PATTERNS,
     SHAPES,
     SIZE,
     Scene,
@@ -20,6 +22,7 @@ from toyworld.render import (
     render_array,
     render_batch,
     sample_scene,
+    sample_world_scene,
     shape_mask,
 )
 
@@ -37,6 +40,27 @@ def test_captions_name_colour_shape_and_background():
     assert caption(scene, with_background=False) == "a photo of a red circle"
     assert caption(scene, with_colour=False) == "a photo of a circle on a gray background"
     assert caption(scene, with_colour=False, with_background=False) == "a photo of a circle"
+
+
+def test_two_colour_captions_name_both_colours_and_the_pattern():
+    scene = Scene("star", ("red", "green"), "white", 16.0, 16.0, 10.0, "halves")
+    assert caption(scene) == "a photo of a red and green halved star on a white background"
+    assert caption(scene, with_colour=False, with_background=False) == "a photo of a halved star"
+    ring = Scene("circle", ("blue", "yellow"), "black", 16.0, 16.0, 10.0, "ring")
+    assert caption(ring, with_background=False) == "a photo of a blue and yellow ringed circle"
+
+
+def test_base_world_paints_every_pattern_in_its_colour_pairs_only():
+    rng = np.random.default_rng(1)
+    scenes = [sample_world_scene(rng, 0.3) for _ in range(1200)]
+    patterned = [s for s in scenes if s.striped]
+    assert 0.25 < len(patterned) / len(scenes) < 0.35
+    assert {s.pattern for s in patterned} == set(PATTERNS)
+    assert {tuple(sorted(s.colours)) for s in patterned} == {tuple(sorted(p)) for p in BASE_PATTERN_PAIRS}
+    assert {s.colours for s in patterned} >= {p[::-1] for p in BASE_PATTERN_PAIRS}  # both orders
+    assert {s.shape for s in patterned} == set(SHAPES)
+    assert all(set(s.colours) <= set(COLOURS) for s in scenes)
+    assert not any(s.striped for s in (sample_world_scene(rng, 0.0) for _ in range(100)))
 
 
 def test_pixels_match_the_scene():

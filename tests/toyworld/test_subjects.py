@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from toyworld.paths import REPO, SUBJECT_DIR, SUBJECTS_DIR
-from toyworld.render import BACKGROUNDS, COLOURS
+from toyworld.render import BACKGROUNDS, BASE_PATTERN_PAIRS, COLOURS
 from toyworld.subjects import (
     CLASS_PROMPT,
     DEFAULT_SUBJECT,
@@ -41,6 +41,13 @@ def test_registry_mixes_shapes_patterns_and_seen_and_unseen_colours():
     assert DEFAULT_SUBJECT.name == "star" and DEFAULT_SUBJECT.folder == SUBJECT_DIR
     assert (INSTANCE_PROMPT, CLASS_PROMPT) == ("a photo of sks star", "a photo of a star")
     assert {s.unseen_background for s in subjects} <= set(BACKGROUNDS)
+
+
+def test_the_base_world_never_paints_a_subjects_colour_pair():
+    """The base world knows every pattern and colour of a base-colour subject, never the subject's combination."""
+    base_pairs = {frozenset(pair) for pair in BASE_PATTERN_PAIRS}
+    assert all(frozenset(s.colours) not in base_pairs for s in SUBJECTS.values())
+    assert all(set(pair) <= set(COLOURS) for pair in base_pairs)
 
 
 @pytest.mark.parametrize("name", SUBJECTS)
