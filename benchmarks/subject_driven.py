@@ -151,6 +151,13 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "schedule is not constant has it in its name (star-lily-budget4-lr0.003-cosine-noprior-seed0).",
     )
     parser.add_argument(
+        "--prior",
+        choices=("on", "off"),
+        default=None,
+        help="Prior preservation in every run (default: each method's RECIPE). The run's name says which "
+        "(star-lora-budget4-lr0.002-cosine-noprior-seed0).",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -242,6 +249,8 @@ def plan_of(args: argparse.Namespace) -> list[RunSpec]:
         plan = lr_sweep_plan(methods, args.subject or LR_SWEEP_SUBJECT, rates, args.steps)
     else:
         plan = [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in full_plan(methods)]
+    if args.prior is not None:
+        plan = [dataclasses.replace(spec, prior=args.prior == "on") for spec in plan]
     return plan if args.lr_scheduler is None else [with_schedule(spec, args.lr_scheduler) for spec in plan]
 
 

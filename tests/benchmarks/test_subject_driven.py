@@ -88,6 +88,18 @@ def test_lr_scheduler_replaces_the_recipes_schedule_in_every_plan(mode):
     assert not {r.name for r in constant} & {r.name for r in recipe}  # their own folders and cache entries
 
 
+def test_prior_replaces_the_recipes_prior_preservation_in_every_plan():
+    recipe = subject_driven.plan_of(subject_driven.parse_args(["--methods", "lora", "lily"]))
+    for setting, wanted in (("on", True), ("off", False)):
+        plan = subject_driven.plan_of(subject_driven.parse_args(["--methods", "lora", "lily", "--prior", setting]))
+        assert [(r.method, r.learning_rate, r.budget, r.subject, r.seed) for r in plan] == [
+            (r.method, r.learning_rate, r.budget, r.subject, r.seed) for r in recipe
+        ]
+        assert {r.prior for r in plan} == {wanted}
+        assert all(("-prior-" if wanted else "-noprior-") in r.name for r in plan)
+    assert {r.prior for r in recipe} == {True, False}  # LoRA's recipe has it, Lily's not
+
+
 def section(report, heading):
     """The text under a '## heading' up to the next '## '."""
     return report.split(f"## {heading}\n\n", 1)[1].split("\n## ", 1)[0]
