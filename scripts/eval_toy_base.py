@@ -2,8 +2,10 @@
 
 Loads the pipeline exactly as a user would (`StableDiffusionXLPipeline.from_pretrained(..., torch_dtype=
 torch.float32)`), generates 64 fixed prompts x seeds (every shape/colour/background caption at least once), and
-scores shape, colour and background. Also reports what the class prompt "a photo of a star" and the untrained
-instance prompt "a photo of sks star" give (class preservation baseline, subject probability baseline).
+scores shape, colour and background; then 48 two-colour prompts ("a photo of a red and green striped star ..."),
+scored by which of the base world's looks (pattern x colour pair) for that shape each image resembles most. Also
+reports what the class prompt "a photo of a star" and the untrained instance prompt "a photo of sks star" give
+(class preservation baseline, subject probability baseline).
 
     python -m scripts.eval_toy_base --model assets/toy-sdxl-base --report benchmarks/results/toy_base.md
 """
@@ -19,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +32,12 @@ from PIL import Image
 
 from toyworld.evaluate import ToyEvaluator, parse_prompt
 from toyworld.paths import BASE_MODEL_DIR, REPO
-from toyworld.prompts import attribute_prompts, generate
+from toyworld.prompts import attribute_prompts, generate, pattern_prompts
+from toyworld.render import BASE_PATTERN_PAIRS, PATTERNS, render_batch, sample_patterned_scene
 from toyworld.subjects import CLASS_PROMPT, INSTANCE_PROMPT
 
 logger = logging.getLogger("eval_toy_base")
+SHAPES_SEED = 4242  # the seed of the reference renders that score two-colour prompts
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -59,6 +64,31 @@ def folder_megabytes(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 
+def look_references(shape: str, pattern: str, colours: tuple[str, str], n: int = 8) -> np.ndarray:
+    """`n` renders of one look (shape, pattern, unordered colour pair) at random poses, both colour orders."""
+    rng = np.random.default_rng([SHAPES_SEED, PATTERNS.index(pattern), BASE_PATTERN_PAIRS.index(colours)])
+    scenes = []
+    for i in range(n):
+        scene = sample_patterned_scene(rng, shape=shape)
+        scenes.append(replace(scene, pattern=pattern, colours=colours if i % 2 == 0 else colours[::-1]))
+    return render_batch(scenes)
+
+
+def pattern_accuracy(evaluator: ToyEvaluator, images: list[Image.Image], asked: list[tuple]) -> dict[str, float]:
+    """Per image, the base-world look of the asked shape (pattern x colour pair) it is most similar to, by the
+    evaluator's appearance similarity to renders of each look: the fraction whose pattern, whose colour pair, and
+    whose both are the asked ones."""
+    looks = [(p, c) for p in PATTERNS for c in BASE_PATTERN_PAIRS]
+    hits = []
+    for image, (_, pattern, colours, shape) in zip(images, asked, strict=True):
+        scores = [float(evaluator.subject_similarity([image], look_references(shape, *look))[0]) for look in looks]
+        best = looks[int(np.argmax(scores))]
+        hits.append((best[0] == pattern, best[1] == colours))
+    found = np.array(hits, dtype=float)
+    pattern, colours = (float(column.mean()) for column in found.T)
+    return {"pattern": pattern, "colours": colours, "both": float(found.min(axis=1).mean())}
+
+
 def evaluate_model(args: argparse.Namespace) -> dict:
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -76,15 +106,19 @@ def evaluate_model(args: argparse.Namespace) -> dict:
             [(s, c, b) == (a["shape"], a["colour"], a["background"]) for (s, c, b), a in zip(got, asked, strict=True)]
         )
     )
+    patterned = pattern_prompts()
+    pattern_images = generate(pipe, [p[0] for p in patterned], range(3000, 3048), args.steps, args.guidance_scale)
     class_images = generate(pipe, [CLASS_PROMPT] * 16, range(1000, 1016), args.steps, args.guidance_scale)
     instance_images = generate(pipe, [INSTANCE_PROMPT] * 16, range(2000, 2016), args.steps, args.guidance_scale)
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
-        big = [im.resize((64, 64), Image.Resampling.NEAREST) for im in images + class_images]
+        big = [im.resize((64, 64), Image.Resampling.NEAREST) for im in images + pattern_images + class_images]
         make_image_grid(big, rows=len(big) // 16, cols=16).save(args.grid)
     return {
         "fidelity": fidelity,
         "all_three": all_three,
+        "pattern_accuracy": pattern_accuracy(evaluator, pattern_images, patterned),
+        "pattern_prompts": len(patterned),
         "class_preservation": evaluator.class_preservation(class_images),
         "class_colours": sorted(set(evaluator.colours(class_images))),
         "class_subject_probability": float(evaluator.subject_probability(class_images).mean()),
@@ -99,7 +133,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
 
 
 def write_report(args: argparse.Namespace, result: dict) -> None:
-    f = result["fidelity"]
+    f, p = result["fidelity"], result["pattern_accuracy"]
     summary = json.loads(args.train_summary.read_text()) if args.train_summary and args.train_summary.is_file() else {}
     train = summary.get("command", "python -m scripts.train_toy_base")
     minutes = summary.get("minutes")
@@ -119,6 +153,13 @@ def write_report(args: argparse.Namespace, result: dict) -> None:
         f"| colour | {f['colour']:.3f} |",
         f"| background | {f['background']:.3f} |",
         f"| all three at once | {result['all_three']:.3f} |",
+        "",
+        f"Two-colour prompts ({result['pattern_prompts']}, every pattern x base-world colour pair x shape once, "
+        f"seeds 3000-3047), each matched to the most similar of the {len(PATTERNS) * len(BASE_PATTERN_PAIRS)} looks "
+        "the base world paints on that shape (the evaluator's appearance similarity to renders of each; a coarse "
+        "measure: renders of the asked look itself score well below 1 at other poses, so read it with the grid): "
+        f"pattern {p['pattern']:.3f} (chance {1 / len(PATTERNS):.3f}), colour pair {p['colours']:.3f} (chance "
+        f"{1 / len(BASE_PATTERN_PAIRS):.3f}), both {p['both']:.3f}.",
         "",
         f'- Class prompt "{CLASS_PROMPT}" (16 seeds): {result["class_preservation"]:.3f} are plain stars '
         f"(colours seen: {', '.join(result['class_colours'])}); mean P(subject) "
@@ -150,7 +191,11 @@ def write_report(args: argparse.Namespace, result: dict) -> None:
         "",
     ]
     if args.grid is not None:
-        lines += [f'![{args.n} generations, then 16 of "{CLASS_PROMPT}"]({args.grid.name})', ""]
+        lines += [
+            f'![{args.n} generations, {result["pattern_prompts"]} two-colour ones, then 16 of "{CLASS_PROMPT}"]'
+            f"({args.grid.name})",
+            "",
+        ]
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text("\n".join(lines))
 

@@ -2,9 +2,11 @@
 
 Two stages, each resumable from a periodic checkpoint in `--output-dir` (rerun the same command to continue):
 
-1. the VAE (`AutoencoderKL`, 32x32 -> 16x16x4) on base-world renders mixed with generic patterns of any colour;
-2. the SDXL-type UNet jointly with both CLIP text encoders, on the world's captioned renders (epsilon prediction,
-   min-SNR weighting, 10% unconditional samples with zero text embeddings as SDXL's pipeline uses for CFG, EMA).
+1. the VAE (`AutoencoderKL`, 32x32 -> 16x16x4) on plain base-world renders mixed with generic patterns of any colour
+   (or `--vae-from` a saved pipeline's VAE, which this stage reproduces);
+2. the SDXL-type UNet jointly with both CLIP text encoders, on the world's captioned renders, plain objects and a
+   `--patterned-fraction` of two-colour ones (epsilon prediction, min-SNR weighting, 10% unconditional samples with
+   zero text embeddings as SDXL's pipeline uses for CFG, EMA).
 
 Every batch, caption and noise tensor is a pure function of (`--seed`, stage, step), so a resumed run ends with the
 same weights as an uninterrupted one. The finished pipeline is rounded to fp16 precision and saved as fp32 safetensors
@@ -52,6 +54,7 @@ from toyworld.render import (
     random_pattern_array,
     render_batch,
     sample_scene,
+    sample_world_scene,
 )
 
 logger = logging.getLogger("train_toy_base")
@@ -81,6 +84,18 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uncond-prob", type=float, default=0.1)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
     parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument(
+        "--patterned-fraction",
+        type=float,
+        default=0.3,
+        help="share of the UNet's training scenes that are two-colour (striped, halved, ringed) objects",
+    )
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="take the VAE (and its scaling factor) from this saved pipeline instead of training stage 1",
+    )
     parser.add_argument("--scale-samples", type=int, default=512, help="renders that set the VAE scaling factor")
     parser.add_argument(
         "--stop-after",
@@ -227,6 +242,8 @@ class TextConditioner(torch.nn.Module):
         for p in prompts:
             if p not in self._ids:
                 tok = self.tokenizers[0]
+                if len(tok(p).input_ids) > tok.model_max_length:
+                    raise ValueError(f"caption {p!r} is longer than the encoders' {tok.model_max_length} tokens")
                 self._ids[p] = tok(
                     p, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
                 ).input_ids[0]
@@ -242,7 +259,7 @@ class TextConditioner(torch.nn.Module):
 
 def denoiser_batch(args: argparse.Namespace, vae: AutoencoderKL, step: int) -> tuple[torch.Tensor, list[str]]:
     rng = step_rng(args.seed, UNET_STAGE, step)
-    scenes = [sample_scene(rng) for _ in range(args.batch_size)]
+    scenes = [sample_world_scene(rng, args.patterned_fraction) for _ in range(args.batch_size)]
     with torch.no_grad():
         posterior = vae.encode(to_tensor(render_batch(scenes))).latent_dist
         latents = posterior.sample(generator=step_generator(args.seed, VAE_STAGE + 10, step))
@@ -325,7 +342,12 @@ def main(args: argparse.Namespace) -> Path | None:
     torch.set_num_threads(args.num_threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        vae, vae_seconds = train_vae(args)
+        if args.vae_from is not None:
+            vae, vae_seconds = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval(), Seconds()
+            vae.requires_grad_(False)
+            logger.info("VAE from %s (stage 1 not run)", args.vae_from)
+        else:
+            vae, vae_seconds = train_vae(args)
         logger.info("VAE scaling factor %.4f", vae.config.scaling_factor)
         text, unet, unet_seconds = train_denoiser(args, vae)
     except StopRequested as stop:

@@ -41,7 +41,7 @@ from .classifiers import (
     train_classifier,
 )
 from .paths import EVALUATOR_DIR
-from .render import BACKGROUNDS, COLOURS, SHAPES
+from .render import BACKGROUNDS, COLOURS, PATTERN_WORDS, SHAPES
 from .subjects import DEFAULT_SUBJECT, SUBJECT_TOKEN, SUBJECTS, Subject, get_subject
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def parse_prompt(prompt: str) -> dict[str, str | bool | None]:
     )
     return {
         "shape": next((w for w in words if w in SHAPES), None),
-        "colour": next((w for w in words if w in COLOURS), None),
+        # A two-colour prompt ("a red and green striped star") asks for no single colour.
+        "colour": None if set(words) & set(PATTERN_WORDS.values()) else next((w for w in words if w in COLOURS), None),
         "background": background,
         "subject": SUBJECT_TOKEN in words,
     }

@@ -6,9 +6,9 @@ import itertools
 
 from lily_diffusion.images import generate
 
-from .render import BACKGROUNDS, COLOURS, SHAPES
+from .render import BACKGROUNDS, BASE_PATTERN_PAIRS, COLOURS, PATTERN_WORDS, SHAPES
 
-__all__ = ["attribute_prompts", "generate"]
+__all__ = ["attribute_prompts", "generate", "pattern_prompts"]
 
 
 def attribute_prompts(n: int = 64) -> list[str]:
@@ -17,3 +17,17 @@ def attribute_prompts(n: int = 64) -> list[str]:
         f"a photo of a {c} {s} on a {b} background" for b, c, s in itertools.product(BACKGROUNDS, COLOURS, SHAPES)
     ]
     return [combos[i % len(combos)] for i in range(n)]
+
+
+def pattern_prompts(n: int = 48) -> list[tuple[str, str, tuple[str, str], str]]:
+    """Every (pattern, base-world colour pair, shape) of the base world once (48), backgrounds in turn, repeated
+    until `n`: (prompt, pattern, colours, shape) with the prompt "a photo of a red and green striped star on ..."."""
+    combos = list(itertools.product(PATTERN_WORDS, BASE_PATTERN_PAIRS, SHAPES))
+    backgrounds = list(BACKGROUNDS)
+    rows = []
+    for i in range(n):
+        pattern, colours, shape = combos[i % len(combos)]
+        background = backgrounds[i % len(backgrounds)]
+        words = f"{colours[0]} and {colours[1]} {PATTERN_WORDS[pattern]} {shape}"
+        rows.append((f"a photo of a {words} on a {background} background", pattern, colours, shape))
+    return rows

@@ -2,14 +2,16 @@
 
 Every image is a pure function of a `Scene` (and every `Scene` of a seed): shapes are rasterised at 4x resolution
 by exact geometry and box-filtered down, so edges are anti-aliased and the output is bit-identical across runs.
-The base world only ever shows plain (one-colour) objects in `COLOURS`; two-colour objects (a `PATTERNS` entry) and the
-colours in `EXTRA_COLOURS` exist for the subjects (see `subjects.py`) and for the evaluator's near-miss negatives.
+The base world shows plain (one-colour) objects in `COLOURS` and two-colour objects (a `PATTERNS` entry) in the colour
+pairs of `BASE_PATTERN_PAIRS`, captioned "a photo of a red and green striped star". The subjects' colour pairs and the
+colours in `EXTRA_COLOURS` never appear in it: they exist for the subjects (see `subjects.py`) and for the evaluator's
+near-miss negatives.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -41,9 +43,6 @@ UNNAMED_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS, **UNNAMED_COLOURS}
 
-WORLD_WORDS: tuple[str, ...] = tuple(
-    dict.fromkeys(["a", "photo", "of", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS])
-)
 
 RADIUS_RANGE = (8.0, 13.0)  # in pixels of the 32x32 image
 MARGIN = 1.5  # the shape's bounding circle stays this far inside the image
@@ -53,6 +52,23 @@ RING_INNER = 0.55  # a ring's inner shape, as a fraction of the radius
 # "stripes": diagonal bands of STRIPE_PERIOD x radius; "halves": the first colour left of the centre, the second
 # right of it; "ring": the first colour outside, the second inside the same shape at RING_INNER x radius.
 PATTERNS: tuple[str, ...] = ("stripes", "halves", "ring")
+# How a caption names each pattern: "a photo of a red and green striped star".
+PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "halves": "halved", "ring": "ringed"}
+# The colour pairs the base world paints in patterns (in either order). The two pairs of base-world colours left out,
+# red/blue and yellow/green, belong to subjects (tests/toyworld/test_subjects.py checks that no subject's pair is
+# here): the base model knows every pattern and colour, never a subject's combination.
+BASE_PATTERN_PAIRS: tuple[tuple[str, str], ...] = (
+    ("red", "green"),
+    ("red", "yellow"),
+    ("green", "blue"),
+    ("blue", "yellow"),
+)
+
+WORLD_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        ["a", "photo", "of", "on", "background", "and", *SHAPES, *COLOURS, *BACKGROUNDS, *PATTERN_WORDS.values()]
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,11 @@ class Scene:
     cy: float
     radius: float
     pattern: str = "stripes"
+    # Stripes only: the bands' offset from the centre, in periods, and their period as a multiple of STRIPE_PERIOD.
+    # Renders never vary them; the evaluator's positives do, since a person calls a phase-shifted or slightly
+    # wider-striped star the same subject.
+    stripe_phase: float = 0.0
+    stripe_scale: float = 1.0
 
     @property
     def colour(self) -> str:
@@ -80,9 +101,17 @@ class Scene:
 
 
 def caption(scene: Scene, with_colour: bool = True, with_background: bool = True) -> str:
-    """'a photo of a red circle on a gray background', optionally without the colour and/or the background."""
+    """'a photo of a red circle on a gray background', optionally without the colour(s) and/or the background.
+
+    A two-colour object always names its pattern: 'a photo of a red and green striped star' ('a photo of a striped
+    star' without colours), so a caption without a pattern word means a plain object.
+    """
     words = ["a", "photo", "of", "a"]
-    if with_colour:
+    if scene.striped:
+        if with_colour:
+            words += [*" and ".join(scene.colours).split()]
+        words.append(PATTERN_WORDS[scene.pattern])
+    elif with_colour:
         words.append(scene.colour)
     words.append(scene.shape)
     if with_background:
@@ -107,6 +136,19 @@ def sample_scene(
     low, high = radius + MARGIN, SIZE - radius - MARGIN
     cx, cy = (float(v) for v in rng.uniform(low, high, size=2))
     return Scene(shape, tuple(colours), background, cx, cy, radius)
+
+
+def sample_patterned_scene(rng: np.random.Generator, shape: str | None = None, background: str | None = None) -> Scene:
+    """A base-world two-colour scene: a `BASE_PATTERN_PAIRS` pair in random order, in a random pattern."""
+    pair = BASE_PATTERN_PAIRS[int(rng.integers(len(BASE_PATTERN_PAIRS)))]
+    colours = pair if rng.random() < 0.5 else pair[::-1]
+    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    return replace(sample_scene(rng, shape=shape, background=background, colours=colours), pattern=pattern)
+
+
+def sample_world_scene(rng: np.random.Generator, patterned_fraction: float) -> Scene:
+    """A base-world scene: two-colour with probability `patterned_fraction`, plain otherwise."""
+    return sample_patterned_scene(rng) if rng.random() < patterned_fraction else sample_scene(rng)
 
 
 def _polygon_inside(px: np.ndarray, py: np.ndarray, vertices: list[tuple[float, float]]) -> np.ndarray:
@@ -167,15 +209,24 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
 
 
 def _pattern_fill(
-    palette: np.ndarray, shape: str, cx: float, cy: float, radius: float, period: float, pattern: str, size: int
+    palette: np.ndarray,
+    shape: str,
+    cx: float,
+    cy: float,
+    radius: float,
+    period: float,
+    pattern: str,
+    size: int,
+    phase: float = 0.0,
 ) -> np.ndarray:
-    """Colours at every supersample: flat (one palette row) or `pattern` anchored at (cx, cy)."""
+    """Colours at every supersample: flat (one palette row) or `pattern` anchored at (cx, cy) (stripes shifted by
+    `phase` periods)."""
     n = size * SUPERSAMPLE
     if len(palette) == 1:
         return np.broadcast_to(palette[0], (n, n, 3))
     py, px = _grid(size)
     if pattern == "stripes":
-        u = ((px - cx) + (py - cy)) / math.sqrt(2.0) / period
+        u = ((px - cx) + (py - cy)) / math.sqrt(2.0) / period + phase
         band = np.floor(u * len(palette)).astype(np.int64) % len(palette)
     elif pattern == "halves":
         band = np.minimum(((px - cx) >= 0).astype(np.int64), len(palette) - 1)
@@ -196,10 +247,12 @@ def compose(
     period: float,
     size: int = SIZE,
     pattern: str = "stripes",
+    phase: float = 0.0,
 ) -> np.ndarray:
-    """Rasterise one object with RGB `palette` rows (in `pattern` if more than one) over an RGB background, uint8."""
+    """Rasterise one object with RGB `palette` rows (in `pattern` if more than one, stripes shifted by `phase`
+    periods) over an RGB background, uint8."""
     inside = _inside(shape, cx, cy, radius, size)
-    fill = _pattern_fill(np.asarray(palette, np.float64), shape, cx, cy, radius, period, pattern, size)
+    fill = _pattern_fill(np.asarray(palette, np.float64), shape, cx, cy, radius, period, pattern, size, phase)
     fine = np.where(inside[..., None], fill, background)
     return np.clip(np.rint(_downsample(fine, size)), 0, 255).astype(np.uint8)
 
@@ -208,8 +261,9 @@ def render_array(scene: Scene, size: int = SIZE) -> np.ndarray:
     """The scene as a uint8 [size, size, 3] array (exact coverage and pattern anti-aliasing)."""
     palette = np.array([ALL_COLOURS[c] for c in scene.colours], dtype=np.float64)
     background = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
-    period = STRIPE_PERIOD * scene.radius
-    return compose(scene.shape, scene.cx, scene.cy, scene.radius, palette, background, period, size, scene.pattern)
+    period = STRIPE_PERIOD * scene.radius * scene.stripe_scale
+    shape, cx, cy, radius = scene.shape, scene.cx, scene.cy, scene.radius
+    return compose(shape, cx, cy, radius, palette, background, period, size, scene.pattern, scene.stripe_phase)
 
 
 def random_pattern_array(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

@@ -7,6 +7,8 @@ embeddings, two CLIP text encoders, the second with a projection), only narrower
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -21,6 +23,17 @@ TEXT_PROJECTION = 32
 TIME_EMBED = 8
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging as CLIP's tokenizer does it: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(pieces))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
+
+
 def build_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> CLIPTokenizer:
     """A word-level CLIP tokenizer over `words` (every word one token, plus the special tokens)."""
     specials = ["<|startoftext|>", "<|endoftext|>"]
@@ -28,16 +41,16 @@ def build_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> CLIPT
     vocab: dict[str, int] = {}
     for token in specials + chars + [c + "</w>" for c in chars] + [w + "</w>" for w in dict.fromkeys(words)]:
         vocab.setdefault(token, len(vocab))
-    merges = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(words):
-        # Merge left to right so that every whole word becomes a single token.
-        pieces = [*list(word[:-1]), word[-1] + "</w>"]
+        # Merge what the earlier words' merges leave, with merges ranked after all of theirs: every whole word
+        # becomes a single token, and no earlier word's tokenization changes.
+        pieces = _bpe([*list(word[:-1]), word[-1] + "</w>"], ranks)
         while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            merged = pieces[0] + pieces[1]
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged, *pieces[2:]]
-    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=16)
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _bpe(pieces, ranks)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=16)
 
 
 def build_text_encoders(
