@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,6 +134,15 @@ def run_result(payload: RunPayload, result: dict[str, Any]) -> RunResult:
     )
 
 
+def solo_runs(jobs: Sequence[Job[RunPayload]]) -> list[str]:
+    """The runs that must run alone: per subject with more than one prior-preservation run, the first of them (it
+    generates the class images the others read). A subject's only prior run shares them with nothing."""
+    prior_runs = [job for job in jobs if job.payload.spec is not None and job.payload.spec.prior]
+    shared = Counter(job.payload.subject for job in prior_runs)
+    first = {job.payload.subject: job.name for job in reversed(prior_runs)}
+    return [name for subject, name in first.items() if shared[subject] > 1]
+
+
 def run_all_parallel(
     specs: Sequence[RunSpec],
     work_dir: Path,
@@ -143,15 +153,14 @@ def run_all_parallel(
     """`compare.run_all` in `n_jobs` processes: (results of the runs that finished, the base model's scores by
     subject, failed outcomes).
 
-    Runs on one subject with prior preservation share its class images; the first of them runs alone so that it
-    generates them before any other run reads them (as in the one-process order).
+    Runs on one subject with prior preservation share its class images; when there are several, the first of them
+    runs alone so that it generates them before any other run reads them (as in the one-process order). A subject's
+    only prior run shares them with nothing and runs in parallel like the rest.
     `RuntimeError` if the base model cannot be scored (nothing can be compared without it).
     """
     jobs = make_jobs(specs, work_dir, plan)
     bases = [job for job in jobs if job.payload.spec is None]
-    prior_runs = [job for job in jobs if job.payload.spec is not None and job.payload.spec.prior]
-    first = list({job.payload.subject: job.name for job in reversed(prior_runs)}.values())
-    outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, first, describe_scores, desc="trainings")
+    outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, solo_runs(jobs), describe_scores, desc="trainings")
     base_scores: dict[str, dict[str, float]] = {}
     for outcome in outcomes[: len(bases)]:
         if outcome.result is None:
