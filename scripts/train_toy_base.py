@@ -103,7 +103,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="checkpoint and exit after this many steps of this invocation (rerun to continue)",
     )
-    return parser.parse_args(input_args)
+    args = parser.parse_args(input_args)
+    if not 0.0 <= args.patterned_fraction <= 1.0:
+        parser.error(f"--patterned-fraction must be from 0 to 1, not {args.patterned_fraction}")
+    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
+        parser.error(f"--vae-from {args.vae_from} has no vae/config.json (give a saved pipeline's folder)")
+    return args
 
 
 class StopRequested(Exception):

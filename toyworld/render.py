@@ -83,8 +83,8 @@ class Scene:
     radius: float
     pattern: str = "stripes"
     # Stripes only: the bands' offset from the centre, in periods, and their period as a multiple of STRIPE_PERIOD.
-    # Renders never vary them; the evaluator's positives do, since a person calls a phase-shifted or slightly
-    # wider-striped star the same subject.
+    # The base world keeps the defaults; a subject may widen its stripes (`Subject.stripe_scale`), and the evaluator's
+    # positives vary both, since a person calls a phase-shifted or slightly wider-striped star the same subject.
     stripe_phase: float = 0.0
     stripe_scale: float = 1.0
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from scripts.train_toy_base import main, parse_args
@@ -68,3 +69,12 @@ def test_vae_from_a_saved_pipeline_skips_stage_one_and_keeps_that_vae(tmp_path):
     assert len(set(scaling)) == 1
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert summary["vae_minutes"] == 0 and summary["unet_minutes"] > 0
+
+
+def test_bad_options_are_refused_in_one_sentence_before_any_work(tmp_path, capsys):
+    for extra in (["--patterned-fraction", "1.5"], ["--vae-from", str(tmp_path / "nothing")]):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(_args(tmp_path / "out", *extra))
+        assert stop.value.code == 2
+        assert ": error: --" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
