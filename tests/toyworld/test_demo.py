@@ -17,7 +17,7 @@ def test_demo_trains_both_adapters_and_writes_the_grid_and_the_table(tmp_path):
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["base model (no training)", "lily", "lora"]
     # the benchmark's recipe for each (toyworld.methods.RECIPE)
     for row, method in zip(rows[2:], ("lily", "lora"), strict=True):
-        assert f"| {RECIPE[method].learning_rate:g} | {'on' if RECIPE[method].prior else 'off'} |" in row
+        assert f"| {RECIPE[method].learning_rate:g} | off |" in row  # both without prior unless asked
     grid = Image.open(output_dir / "grid.png")
     # columns: base, Lily, LoRA (64 px cells) beside a label column; rows: the subject and the class prompt
     assert grid.width > 3 * 64 and grid.height > 2 * 64
