@@ -37,7 +37,7 @@ from toyworld.render import BASE_PATTERN_PAIRS, PATTERNS, render_batch, sample_p
 from toyworld.subjects import CLASS_PROMPT, INSTANCE_PROMPT
 
 logger = logging.getLogger("eval_toy_base")
-SHAPES_SEED = 4242  # the seed of the reference renders that score two-colour prompts
+REFERENCE_SEED = 4242  # the seed of the reference renders that score two-colour prompts
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def folder_megabytes(folder: Path) -> float:
 
 def look_references(shape: str, pattern: str, colours: tuple[str, str], n: int = 8) -> np.ndarray:
     """`n` renders of one look (shape, pattern, unordered colour pair) at random poses, both colour orders."""
-    rng = np.random.default_rng([SHAPES_SEED, PATTERNS.index(pattern), BASE_PATTERN_PAIRS.index(colours)])
+    rng = np.random.default_rng([REFERENCE_SEED, PATTERNS.index(pattern), BASE_PATTERN_PAIRS.index(colours)])
     scenes = []
     for i in range(n):
         scene = sample_patterned_scene(rng, shape=shape)
@@ -79,9 +79,10 @@ def pattern_accuracy(evaluator: ToyEvaluator, images: list[Image.Image], asked: 
     evaluator's appearance similarity to renders of each look: the fraction whose pattern, whose colour pair, and
     whose both are the asked ones."""
     looks = [(p, c) for p in PATTERNS for c in BASE_PATTERN_PAIRS]
+    references = {(shape, look): look_references(shape, *look) for shape in {a[3] for a in asked} for look in looks}
     hits = []
     for image, (_, pattern, colours, shape) in zip(images, asked, strict=True):
-        scores = [float(evaluator.subject_similarity([image], look_references(shape, *look))[0]) for look in looks]
+        scores = [float(evaluator.subject_similarity([image], references[shape, look])[0]) for look in looks]
         best = looks[int(np.argmax(scores))]
         hits.append((best[0] == pattern, best[1] == colours))
     found = np.array(hits, dtype=float)

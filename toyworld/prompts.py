@@ -6,7 +6,7 @@ import itertools
 
 from lily_diffusion.images import generate
 
-from .render import BACKGROUNDS, BASE_PATTERN_PAIRS, COLOURS, PATTERN_WORDS, SHAPES
+from .render import BACKGROUNDS, BASE_PATTERN_PAIRS, COLOURS, PATTERNS, SHAPES, Scene, caption
 
 __all__ = ["attribute_prompts", "generate", "pattern_prompts"]
 
@@ -21,13 +21,13 @@ def attribute_prompts(n: int = 64) -> list[str]:
 
 def pattern_prompts(n: int = 48) -> list[tuple[str, str, tuple[str, str], str]]:
     """Every (pattern, base-world colour pair, shape) of the base world once (48), backgrounds in turn, repeated
-    until `n`: (prompt, pattern, colours, shape) with the prompt "a photo of a red and green striped star on ..."."""
-    combos = list(itertools.product(PATTERN_WORDS, BASE_PATTERN_PAIRS, SHAPES))
+    until `n`: (prompt, pattern, colours, shape), the prompt the world's own caption ("a photo of a red and green
+    striped star on ...")."""
+    combos = list(itertools.product(PATTERNS, BASE_PATTERN_PAIRS, SHAPES))
     backgrounds = list(BACKGROUNDS)
     rows = []
     for i in range(n):
         pattern, colours, shape = combos[i % len(combos)]
-        background = backgrounds[i % len(backgrounds)]
-        words = f"{colours[0]} and {colours[1]} {PATTERN_WORDS[pattern]} {shape}"
-        rows.append((f"a photo of a {words} on a {background} background", pattern, colours, shape))
+        scene = Scene(shape, colours, backgrounds[i % len(backgrounds)], 0.0, 0.0, 0.0, pattern)
+        rows.append((caption(scene), pattern, colours, shape))
     return rows

@@ -109,7 +109,7 @@ def caption(scene: Scene, with_colour: bool = True, with_background: bool = True
     words = ["a", "photo", "of", "a"]
     if scene.striped:
         if with_colour:
-            words += [*" and ".join(scene.colours).split()]
+            words += " and ".join(scene.colours).split()
         words.append(PATTERN_WORDS[scene.pattern])
     elif with_colour:
         words.append(scene.colour)
