@@ -105,8 +105,10 @@ SUBJECTS: dict[str, Subject] = {
     subject.name: subject
     for subject in (
         # The star's stripes are 1.6x as wide as the base world's (a period of about 1 radius): at the base world's
-        # 0.6 radius a band is 1.5 latent pixels wide, and adapters on the base model that knows striped objects drew
-        # the star with 2-3 wide bands, which the evaluator rejected (benchmarks/results/learning_curves.md).
+        # 0.6 radius a band is 1.5 latent pixels wide, and in probe runs (not kept; closing note of 2026-12-03)
+        # adapters on the base model that knows striped objects drew the star with 2-3 wide bands. The VAE ceiling's
+        # similarity on the unseen background rose from 0.656 to 0.854 with the wider stripes
+        # (benchmarks/results/evaluator.md; the earlier value in git at e916259).
         Subject("star", "star", "stripes", ("orange", "purple"), ("white", "black"), stripe_scale=1.6),
         Subject("square", "square", "halves", ("red", "blue"), ("gray", "black")),
         Subject("triangle", "triangle", "halves", ("yellow", "green"), ("white", "black")),
