@@ -63,6 +63,8 @@ LR_SWEEP_SUBJECT = "square"
 LR_SWEEP_RATES = (1e-3, 2e-3, 3e-3, 5e-3)
 
 RESULTS = RESULTS_DIR / "subject_driven.md"
+# --prior: the prior-preservation settings each planned run is trained with.
+PRIOR_CHOICES = {"on": (True,), "off": (False,), "both": (False, True)}
 LR_SWEEP_RESULTS = RESULTS_DIR / "subject_driven_lr_sweep.md"
 LEARNING_CURVES = RESULTS_DIR / "learning_curves.json"
 
@@ -152,9 +154,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--prior",
-        choices=("on", "off"),
+        choices=("on", "off", "both"),
         default=None,
-        help="Prior preservation in every run (default: each method's RECIPE). The run's name says which "
+        help="Prior preservation in every run (default: each method's RECIPE); both: every run once with it and "
+        "once without (with --lr_sweep, each method's best of lr x prior). The run's name says which "
         "(star-lora-budget4-lr0.002-cosine-noprior-seed0).",
     )
     parser.add_argument(
@@ -250,7 +253,8 @@ def plan_of(args: argparse.Namespace) -> list[RunSpec]:
     else:
         plan = [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in full_plan(methods)]
     if args.prior is not None:
-        plan = [dataclasses.replace(spec, prior=args.prior == "on") for spec in plan]
+        priors = PRIOR_CHOICES[args.prior]
+        plan = [dataclasses.replace(spec, prior=prior) for spec in plan for prior in priors]
     return plan if args.lr_scheduler is None else [with_schedule(spec, args.lr_scheduler) for spec in plan]
 
 
@@ -344,15 +348,18 @@ def plan_lines(records: Sequence[Record]) -> str:
 
 
 def lr_sweep_lines(records: Sequence[dict[str, object]]) -> str:
-    """Per method, its best learning rate by `report.target_progress` (what RECIPE should then fix)."""
+    """Per method, its best setting (learning rate, prior preservation) by `report.target_progress` (what RECIPE
+    should then fix)."""
     lines = []
     for method in dict.fromkeys(str(r["method"]) for r in records):
         group = best_setting(records, method, REFERENCE_BUDGET, "target")
         if group:
             lr = float(group[0]["learning_rate"])  # type: ignore[arg-type]
+            prior = "prior preservation" if group[0]["prior"] else "no prior"
             lines.append(
-                f"- {method_name(method)}: lr {lr:g} (subject fidelity {estimate(group, 'subject')}, prompt fidelity "
-                f"{estimate(group, 'background')}, progress to the target {target_progress(group):.2f})"
+                f"- {method_name(method)}: lr {lr:g}, {prior} (subject fidelity {estimate(group, 'subject')}, "
+                f"prompt fidelity {estimate(group, 'background')}, "
+                f"progress to the target {target_progress(group):.2f})"
             )
     return "\n".join(lines) + "\n"
 
@@ -376,8 +383,9 @@ def render_report(
             f"{', '.join(subjects)}\n\n"
             f"One training seed per (method, lr); {scoring}\n\nRuns:\n{plan_lines(records)}\n"
             f"{summary_table(records, base_scores.get(subjects[0]) if subjects else None)}\n{LEGEND}\n"
-            "## Best learning rate per method\n\nEach method's best lr on this one subject is then fixed in "
-            "`RECIPE` (toyworld/methods.py) for every subject of the full sweep. Best means the highest "
+            "## Best learning rate per method\n\nEach method's best lr (and prior preservation, where both were "
+            "run) on this one subject is then fixed in `RECIPE` (toyworld/methods.py) for every subject of the full "
+            "sweep. Best means the highest "
             f"progress to the target: min(subject fidelity / {SUBJECT_TARGET}, prompt fidelity / {PROMPT_TARGET}), "
             "so a rate that learns the subject by losing the asked background does not win.\n\n"
             f"{lr_sweep_lines(records)}\n"

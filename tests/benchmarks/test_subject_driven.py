@@ -100,6 +100,21 @@ def test_prior_replaces_the_recipes_prior_preservation_in_every_plan():
     assert {r.prior for r in recipe} == {True, False}  # LoRA's recipe has it, Lily's not
 
 
+def test_prior_both_sweeps_each_learning_rate_with_and_without_prior_and_picks_the_best_pair():
+    args = subject_driven.parse_args(
+        ["--lr_sweep", "--methods", "lora", "--learning_rates", "1e-3", "2e-3", "--prior", "both"]
+    )
+    plan = subject_driven.plan_of(args)
+    assert [(r.learning_rate, r.prior) for r in plan] == [(1e-3, False), (1e-3, True), (2e-3, False), (2e-3, True)]
+    assert len({r.name for r in plan}) == 4  # each its own folder and cache entry
+    records = [sweep_record("lora", lr, score) for lr, score in ((1e-3, 0.5), (2e-3, 0.6))]
+    records.append({**sweep_record("lora", 1e-3, 0.85), "prior": True})
+    best = section(
+        subject_driven.render_report(args, records, {}, subject_driven.EvalPlan(), []), "Best learning rate per method"
+    )
+    assert "- LoRA: lr 0.001, prior preservation (subject fidelity 0.850 (n=1)" in best
+
+
 def section(report, heading):
     """The text under a '## heading' up to the next '## '."""
     return report.split(f"## {heading}\n\n", 1)[1].split("\n## ", 1)[0]
@@ -261,5 +276,7 @@ def test_lr_sweep_report_names_each_methods_best_learning_rate():
     assert "- Lily: budgets r4; 2400 steps, lr 0.001, 0.003, no prior; `--lr_scheduler=cosine`" in report
     best = section(report, "Best learning rate per method")
     assert "then fixed in `RECIPE`" in best
-    assert "- Lily: lr 0.003 (subject fidelity 0.900 (n=1)" in best and "- LoRA: lr 0.001 (" in best
+    assert (
+        "- Lily: lr 0.003, no prior (subject fidelity 0.900 (n=1)" in best and "- LoRA: lr 0.001, no prior (" in best
+    )
     assert "progress to the target 1.11)" in best and "min(subject fidelity / 0.8, prompt fidelity / 0.9)" in best
