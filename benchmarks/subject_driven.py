@@ -59,8 +59,8 @@ from toyworld.subjects import DEFAULT_SUBJECT, SUBJECTS, get_subject
 SEEDS = (0, 1, 2)
 EVAL_SEEDS, QUICK_EVAL_SEEDS = (0, 1, 2, 3), (0, 1)
 QUICK_STEPS = 40
-LR_SWEEP_SUBJECT = "square"
-LR_SWEEP_RATES = (1e-3, 2e-3, 3e-3, 5e-3)
+LR_SWEEP_SUBJECT = "star"
+LR_SWEEP_RATES = (1e-3, 2e-3, 4e-3, 8e-3)
 
 RESULTS = RESULTS_DIR / "subject_driven.md"
 # --prior: the prior-preservation settings each planned run is trained with.
@@ -381,7 +381,7 @@ def render_report(
         return (
             f"# Learning-rate sweep: each method at the {budget_label(REFERENCE_BUDGET)} budget on "
             f"{', '.join(subjects)}\n\n"
-            f"One training seed per (method, lr); {scoring}\n\nRuns:\n{plan_lines(records)}\n"
+            f"One training seed per (method, lr). {scoring}\n\nRuns:\n{plan_lines(records)}\n"
             f"{summary_table(records, base_scores.get(subjects[0]) if subjects else None)}\n{LEGEND}\n"
             "## Best learning rate per method\n\nEach method's best lr (and prior preservation, where both were "
             "run) on this one subject is then fixed in `RECIPE` (toyworld/methods.py) for every subject of the full "

@@ -64,10 +64,10 @@ def test_quick_and_lr_sweep_plans():
         subject_driven.parse_args(["--lr_sweep", "--methods", "lily", "lora", "--learning_rates", "1e-3", "5e-3"])
     )
     assert [(r.method, r.learning_rate, r.budget, r.subject, r.seed) for r in sweep] == [
-        ("lily", 1e-3, 4, "square", 0),
-        ("lily", 5e-3, 4, "square", 0),
-        ("lora", 1e-3, 4, "square", 0),
-        ("lora", 5e-3, 4, "square", 0),
+        ("lily", 1e-3, 4, "star", 0),
+        ("lily", 5e-3, 4, "star", 0),
+        ("lora", 1e-3, 4, "star", 0),
+        ("lora", 5e-3, 4, "star", 0),
     ]
     default_sweep = subject_driven.plan_of(subject_driven.parse_args(["--lr_sweep"]))
     assert len(default_sweep) == len(list(METHODS)) * len(subject_driven.LR_SWEEP_RATES)
@@ -253,7 +253,7 @@ def sweep_record(method, lr, subject_score):
         "prior": False,
         "seed": 0,
         "steps": 2400,
-        "subject": "square",
+        "subject": "star",
         "budget_rank": 4,
         "extra_flags": ["--lr_scheduler=cosine"],
         "params": 32000,
@@ -272,7 +272,7 @@ def test_lr_sweep_report_names_each_methods_best_learning_rate():
     records = [sweep_record("lily", 1e-3, 0.2), sweep_record("lily", 3e-3, 0.9), sweep_record("lora", 1e-3, 0.7)]
     args = subject_driven.parse_args(["--lr_sweep"])
     report = subject_driven.render_report(args, records, {}, subject_driven.EvalPlan(), [])
-    assert report.startswith("# Learning-rate sweep: each method at the LoRA r4 (1x) budget on square")
+    assert report.startswith("# Learning-rate sweep: each method at the LoRA r4 (1x) budget on star")
     assert "- Lily: budgets r4; 2400 steps, lr 0.001, 0.003, no prior; `--lr_scheduler=cosine`" in report
     best = section(report, "Best learning rate per method")
     assert "then fixed in `RECIPE`" in best
