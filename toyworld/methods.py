@@ -78,10 +78,10 @@ class Recipe:
 COSINE = ("--lr_scheduler=cosine", "--cache_latents")
 
 # Per method: the best (learning rate, prior preservation) of the cosine `--lr_sweep` on star on the base model that
-# knows two-colour objects (benchmarks/results/subject_driven_lr_sweep.md: rates 1e-3, 2e-3, 4e-3, 8e-3 (Lily also
-# 6e-3), each with and without prior, one seed, 2400 steps), ranked by progress to the target. Only LoRA reached it
-# there (2e-3 with prior: subject fidelity 0.80, every asked background). 8e-3 broke Lily and LoRA (subject fidelity
-# 0.00 and 0.00 without prior) but was LoKr's and LoHa's best rate, the top of the swept range.
+# knows two-colour objects (benchmarks/results/subject_driven_lr_sweep.md: rates 1e-3, 2e-3, 4e-3, 8e-3 without
+# prior (Lily also 6e-3), 2e-3, 4e-3, 8e-3 with it; one seed, 2400 steps), ranked by progress to the target. Only
+# LoRA reached it there (2e-3 with prior: subject fidelity 0.80, every asked background). 8e-3 without prior broke
+# Lily and LoRA (subject fidelity 0.000 and 0.002) but was LoKr's and LoHa's best rate, the top of the swept range.
 RECIPE: dict[str, Recipe] = {
     "lily": Recipe(2400, 6e-3, COSINE),
     "lora": Recipe(2400, 2e-3, COSINE, prior=True),
