@@ -62,9 +62,10 @@ QUICK_STEPS = 40
 LR_SWEEP_SUBJECT = "star"
 LR_SWEEP_RATES = (1e-3, 2e-3, 4e-3, 8e-3)
 
-RESULTS = RESULTS_DIR / "subject_driven.md"
 # --prior: the prior-preservation settings each planned run is trained with.
 PRIOR_CHOICES = {"on": (True,), "off": (False,), "both": (False, True)}
+
+RESULTS = RESULTS_DIR / "subject_driven.md"
 LR_SWEEP_RESULTS = RESULTS_DIR / "subject_driven_lr_sweep.md"
 LEARNING_CURVES = RESULTS_DIR / "learning_curves.json"
 
@@ -154,7 +155,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--prior",
-        choices=("on", "off", "both"),
+        choices=tuple(PRIOR_CHOICES),
         default=None,
         help="Prior preservation in every run (default: each method's RECIPE); both: every run once with it and "
         "once without (with --lr_sweep, each method's best of lr x prior). The run's name says which "
@@ -333,6 +334,11 @@ def _joined(values: Iterable[object]) -> str:
     return ", ".join(str(v) for v in dict.fromkeys(values))
 
 
+def prior_words(prior: object) -> str:
+    """'prior preservation' or 'no prior', as the reports write a run's setting."""
+    return "prior preservation" if prior else "no prior"
+
+
 def plan_lines(records: Sequence[Record]) -> str:
     """One markdown line per method: the budgets, steps, learning rates and training flags its runs had."""
     lines = []
@@ -342,7 +348,7 @@ def plan_lines(records: Sequence[Record]) -> str:
         rates = _joined(f"{float(r['learning_rate']):g}" for r in own)
         flags = _joined(" ".join(f"`{flag}`" for flag in r["extra_flags"]) or "no further flags" for r in own)
         steps = _joined(r["steps"] for r in own)
-        prior = _joined("prior preservation" if r["prior"] else "no prior" for r in own)
+        prior = _joined(prior_words(r["prior"]) for r in own)
         lines.append(f"- {method_name(method)}: budgets {budgets}; {steps} steps, lr {rates}, {prior}; {flags}")
     return "\n".join(lines) + "\n"
 
@@ -355,9 +361,9 @@ def lr_sweep_lines(records: Sequence[dict[str, object]]) -> str:
         group = best_setting(records, method, REFERENCE_BUDGET, "target")
         if group:
             lr = float(group[0]["learning_rate"])  # type: ignore[arg-type]
-            prior = "prior preservation" if group[0]["prior"] else "no prior"
             lines.append(
-                f"- {method_name(method)}: lr {lr:g}, {prior} (subject fidelity {estimate(group, 'subject')}, "
+                f"- {method_name(method)}: lr {lr:g}, {prior_words(group[0]['prior'])} "
+                f"(subject fidelity {estimate(group, 'subject')}, "
                 f"prompt fidelity {estimate(group, 'background')}, "
                 f"progress to the target {target_progress(group):.2f})"
             )
