@@ -3,6 +3,7 @@
 
     python -m benchmarks.learning_curve --subject star --method lily --learning_rate 3e-3
     python -m benchmarks.learning_curve --subject star --method lora --rank 4 --lora_alpha 16
+    python -m benchmarks.learning_curve --subject circle --method loha --learning_rate 8e-3   # any method
 
 The run trains once with `train_dreambooth_lily.py` (checkpoints every `gcd(--save_steps)` steps; each checkpoint
 holds the adapter file in the final output's format), then scores the adapter of every checkpoint in
@@ -32,6 +33,7 @@ from lily_diffusion.grids import GridAdapter, describe_adapter
 from lily_diffusion.training.checkpointing import MARKER_NAME
 from toyworld.compare import EvalPlan, RunSpec, run_with_progress, score, training_flags
 from toyworld.evaluate import ToyEvaluator
+from toyworld.methods import METHODS
 from toyworld.paths import BASE_MODEL_DIR, REPO, RESULTS, TRAIN_SCRIPT
 from toyworld.report import PROMPT_TARGET, SUBJECT_TARGET
 from toyworld.subjects import SUBJECTS, Subject
@@ -54,10 +56,15 @@ NOTES_HEADING = "## Reading the curves"  # a hand-written section of the results
 def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subject", choices=sorted(SUBJECTS), default="star")
-    parser.add_argument("--method", choices=("lily", "lora"), default="lily")
+    parser.add_argument(
+        "--method", choices=tuple(METHODS), default="lily", help="A method of toyworld.methods (default lily)."
+    )
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument(
-        "--rank", type=int, default=4, help="LoRA rank; for Lily, the LoRA rank whose budget it matches (default 4)."
+        "--rank",
+        type=int,
+        default=4,
+        help="LoRA rank; for the other methods, the LoRA rank whose budget they match (default 4).",
     )
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank; LoRA only).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")
@@ -114,8 +121,9 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    """'star-lily-lr0.003-seed0', 'star-lora-r4-lr0.003-seed0', with '-alpha16' for a non-default LoRA alpha and
-    the extra training flags (e.g. '-lr_scheduler=cosine') last."""
+    """'star-lily-lr0.003-seed0', 'star-lora-r4-lr0.003-seed0', 'star-loha-budget2-lr0.008-seed0' (a budget other
+    than rank 4 is named), with '-alpha16' for a non-default LoRA alpha and the extra training flags (e.g.
+    '-lr_scheduler=cosine') last."""
     rank = f"-r{args.rank}" if args.method == "lora" else (f"-budget{args.rank}" if args.rank != 4 else "")
     alpha = f"-alpha{args.lora_alpha:g}" if args.lora_alpha not in (None, args.rank) else ""
     extra = "".join(f"-{flag.lstrip('-').replace('/', '_')}" for flag in args.train_flags)  # a folder name
@@ -256,8 +264,9 @@ def render_markdown(records: dict[str, dict], json_name: str = "learning_curves.
         "(`toyworld.compare.score`; columns as in `subject_driven.md`: subject fidelity = mean P(this subject) of "
         "the which-subject CNN, prompt fidelity = the fraction of images showing the background asked, for the "
         "subject's two seen backgrounds and its unseen one, class preservation = the fraction of class-prompt images "
-        "that are the plain class). Lily: stride_A 4, num_B 4, r picked by `--match_lora_budget` (the LoRA rank "
-        f"given). Regenerated from `{json_name}` by `python -m benchmarks.learning_curve`; one seed per "
+        "that are the plain class). Each method is sized to its budget as in the benchmark (`toyworld.methods`; "
+        "Lily at the rank-4 budget: stride_A 4, num_B 4, r picked by `--match_lora_budget`). Regenerated from "
+        f"`{json_name}` by `python -m benchmarks.learning_curve`; one seed per "
         "run, so every number is one run's (n=1). Images are scored at guidance 5 unless the run's section says "
         "otherwise.\n\n"
         f"Reached = the first scored step with subject fidelity >= {SUBJECT_TARGET} and prompt fidelity (all three "

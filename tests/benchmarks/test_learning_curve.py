@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,10 @@ def test_run_names_and_flags():
     assert run_name(parse_args(["--method", "lora", "--lora_alpha", "16"])) == "star-lora-r4-alpha16-lr0.003-seed0"
     assert run_name(parse_args(["--method", "lora", "--lora_alpha", "4"])) == "star-lora-r4-lr0.003-seed0"
     assert run_name(parse_args([])) == "star-lily-lr0.003-seed0"
+    loha = parse_args(["--method", "loha", "--rank", "2", "--learning_rate", "8e-3"])
+    assert run_name(loha) == "star-loha-budget2-lr0.008-seed0"
+    flags = run_flags(loha, Path("/runs/loha"), SUBJECTS["star"])
+    assert "--adapter=loha" in flags and "--match_lora_budget=2" in flags and "--learning_rate=0.008" in flags
     assert with_flag(["--a=1", "--b", "--c=3"], "a", 2) == ["--b", "--c=3", "--a=2"]
     assert with_flag(["--b"], "b") == ["--b"]
 
