@@ -14,10 +14,11 @@ from dataclasses import dataclass
 REFERENCE_BUDGET = 4  # LoRA rank 4: the budget every method is trained at
 
 # Lily's sharing per budget: (stride_A, num_B). At the rank-4 budget, the shape the learning curves used (r = 10
-# on the toy base); below it, the shape with the largest r the budget allows (one A per group of 8 layers, the
-# fewest experts): r = 5 at the rank-1 budget and r = 10 at rank 2, where stride_A 4 / num_B 4 would give r = 2
-# and 5 (tests/toyworld/test_methods.py checks these on the toy base).
-LILY_SHAPES: dict[int, tuple[int, int]] = {1: (8, 2), 2: (8, 2), 4: (4, 4)}
+# on the toy base), and the same shape at twice that budget (r = 20: the doubling goes into r alone, so the 2x runs
+# show what more parameters buy Lily at its 1x sharing); below it, the shape with the largest r the budget allows
+# (one A per group of 8 layers, the fewest experts): r = 5 at the rank-1 budget and r = 10 at rank 2, where
+# stride_A 4 / num_B 4 would give r = 2 and 5 (tests/toyworld/test_methods.py checks these on the toy base).
+LILY_SHAPES: dict[int, tuple[int, int]] = {1: (8, 2), 2: (8, 2), 4: (4, 4), 8: (4, 4)}
 
 
 def lily_flags(budget: int) -> list[str]:
@@ -53,7 +54,7 @@ class Method:
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("lily", "Lily", lily_flags, (1, 2, 4)),
+        Method("lily", "Lily", lily_flags, (1, 2, 4, 8)),
         Method("lora", "LoRA", lora_flags, (1, 2, 4, 8)),
         Method("dora", "DoRA", peft_flags("dora"), (REFERENCE_BUDGET,)),
         # LoKr's default factor splits a 128-wide layer 8 x 16: complete from rank 8 on, at most 10,240 parameters

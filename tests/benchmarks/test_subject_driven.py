@@ -27,10 +27,10 @@ def test_full_plan_is_every_method_budget_subject_and_seed():
     methods = ["lily", "lora", "dora", "lokr", "loha"]
     runs = subject_driven.full_plan(methods)
     budgets = sum(len(METHODS[m].budgets) for m in methods)
-    assert budgets == 3 + 4 + 1 + 1 + 1
-    assert len(runs) == budgets * len(SUBJECTS) * len(subject_driven.SEEDS) == 120
+    assert budgets == 4 + 4 + 1 + 1 + 1
+    assert len(runs) == budgets * len(SUBJECTS) * len(subject_driven.SEEDS) == 132
     assert len({r.name for r in runs}) == len(runs)  # one folder and one cache entry each
-    assert {(r.method, r.budget) for r in runs if r.method == "lily"} == {("lily", 1), ("lily", 2), ("lily", 4)}
+    assert {r.budget for r in runs if r.method == "lily"} == {1, 2, 4, 8}
     assert {r.budget for r in runs if r.method == "lora"} == {1, 2, 4, 8}
     assert {r.budget for r in runs if r.method in ("dora", "lokr", "loha")} == {4}
     assert {r.subject for r in runs} == set(SUBJECTS) and {r.seed for r in runs} == {0, 1, 2}

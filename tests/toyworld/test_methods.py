@@ -23,7 +23,7 @@ from toyworld.paths import BASE_MODEL_DIR
 def test_each_method_is_one_entry_with_its_flags_per_budget():
     assert list(METHODS) == ["lily", "lora", "dora", "lokr", "loha"]
     assert [method_name(m) for m in METHODS] == ["Lily", "LoRA", "DoRA", "LoKr", "LoHa"]
-    assert METHODS["lily"].budgets == (1, 2, 4) and METHODS["lora"].budgets == (1, 2, 4, 8)
+    assert METHODS["lily"].budgets == METHODS["lora"].budgets == (1, 2, 4, 8)
     assert all(METHODS[m].budgets == (4,) for m in ("dora", "lokr", "loha"))
     assert get_method("lora").flags(2) == ["--adapter=lora", "--rank=2", "--lora_alpha=2"]
     assert get_method("lily").flags(1) == [
@@ -60,8 +60,8 @@ def test_lily_keeps_r_large_at_small_budgets_on_the_toy_base():
     def fitted(budget, stride_a, num_b):
         return lily_config_for_lora_budget(unet, budget, dataclasses.replace(base, stride_A=stride_a, num_B=num_b))
 
-    got = {budget: fitted(budget, *LILY_SHAPES[budget]) for budget in (1, 2, 4)}
-    assert {budget: config.r for budget, config in got.items()} == {1: 5, 2: 10, 4: 10}
+    got = {budget: fitted(budget, *LILY_SHAPES[budget]) for budget in (1, 2, 4, 8)}
+    assert {budget: config.r for budget, config in got.items()} == {1: 5, 2: 10, 4: 10, 8: 20}
     for budget, config in got.items():
         assert count_lily_parameters(unet, config) <= count_lora_parameters(unet, budget, config)
     # below the rank-4 budget no other sharing gives a larger r (the rank-4 shape, stride_A 4 / num_B 4, gives 2, 5)
