@@ -10,6 +10,8 @@ holds the adapter file in the final output's format), then scores the adapter of
 `--save_steps` with the subject-driven benchmark's scorer (`toyworld.compare.score`). Every score goes into
 `benchmarks/results/learning_curves.json` as soon as it exists, and `learning_curves.md` is rewritten from it: a rerun
 skips the scored points, resumes an interrupted training from its last checkpoint, and adds new runs beside the old.
+A run is extended to more steps only when its learning-rate schedule does not depend on the run's length (constant):
+extending a cosine run would splice two schedules, and is refused.
 """
 
 from __future__ import annotations
@@ -157,6 +159,28 @@ def run_flags(args: argparse.Namespace, output_dir: Path, subject: Subject) -> l
         name, _, value = flag[2:].partition("=")
         flags = with_flag(flags, name, value if "=" in flag else None)
     return flags
+
+
+# Learning-rate schedules whose shape depends on --max_train_steps: a run trained to N steps and extended to more
+# would follow one schedule to N and another after it, and its curve would be neither run's.
+HORIZON_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def extension_error(output_dir: Path, steps: int) -> str | None:
+    """Why the run in `output_dir` cannot be trained on to `steps` (its schedule is fixed to its own horizon), or
+    None when it can (no earlier run, trained that far already, the same horizon, or a schedule that does not depend
+    on it)."""
+    args_file = output_dir / "training_args.json"
+    if not args_file.is_file() or (output_dir / f"checkpoint-{steps}").is_dir():
+        return None
+    earlier = json.loads(args_file.read_text())
+    horizon, schedule = earlier.get("max_train_steps"), earlier.get("lr_scheduler")
+    if horizon == steps or schedule not in HORIZON_SCHEDULES:
+        return None
+    return (
+        f"{output_dir.name} was trained with the {schedule} schedule over {horizon} steps; going on to {steps} would "
+        f"splice two schedules, so train it in another --work_dir (or remove {output_dir})"
+    )
 
 
 def train(flags: Sequence[str], output_dir: Path, steps: int, name: str) -> float | None:
@@ -325,6 +349,9 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
         "inference_steps": run.get("inference_steps"),
         "guidance_scale": run_guidance(run),
     }
+    refusal = extension_error(output_dir, max(args.save_steps))
+    if refusal is not None:
+        raise SystemExit(f"error: {refusal}")
     if run["points"] and scored_with != asked:
         raise SystemExit(
             f"error: {name} was scored with {scored_with} in {json_path}; rerun with those settings (or move that "

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.learning_curve import (
     base_key,
+    extension_error,
     first_reached,
     main,
     parse_args,
@@ -66,6 +67,27 @@ def test_two_save_points_are_scored_tabulated_and_not_redone(tmp_path):
 
     with pytest.raises(SystemExit, match="scored with"):  # other scoring settings would mix two plans in one curve
         main([*args, "--eval_seeds", "2"])
+
+
+def test_a_run_on_a_schedule_fixed_to_its_horizon_is_not_extended(tmp_path):
+    run = tmp_path / "runs" / "square-lily-lr0.003-seed0-lr_scheduler=cosine"
+    run.mkdir(parents=True)
+
+    def trained(schedule, horizon):
+        (run / "training_args.json").write_text(json.dumps({"lr_scheduler": schedule, "max_train_steps": horizon}))
+
+    trained("cosine", 4)
+    assert "trained with the cosine schedule over 4 steps; going on to 6 would splice" in extension_error(run, 6)
+    assert extension_error(run, 4) is None  # an interrupted run resumed to its own horizon
+    (run / "checkpoint-2").mkdir()
+    assert extension_error(run, 2) is None  # an earlier point of the longer run: nothing is trained
+    trained("constant", 4)
+    assert extension_error(run, 6) is None  # a constant rate is the same schedule at any horizon
+    trained("cosine", 4)
+    args = [*FLAGS, "--save_steps", "2", "6", "--train_flags=--lr_scheduler=cosine", "--work_dir", str(run.parent)]
+    with pytest.raises(SystemExit, match="would splice two schedules"):
+        main([*args, "--results", str(tmp_path / "curves.md")])
+    assert not (run / "checkpoint-6").exists() and not (tmp_path / "curves.json").exists()
 
 
 def test_run_names_and_flags():
