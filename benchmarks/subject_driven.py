@@ -89,7 +89,14 @@ def recipe_spec(method: str, budget: int, subject: str, seed: int, steps: int | 
     """The run of `method` at `budget` on `subject` with its `RECIPE` (its steps unless `steps` is given)."""
     recipe = RECIPE[method]
     return RunSpec(
-        method, recipe.learning_rate, recipe.prior, seed, steps or recipe.steps, subject, budget, tuple(recipe.flags)
+        method,
+        recipe.learning_rate_at(budget),
+        recipe.prior,
+        seed,
+        steps or recipe.steps,
+        subject,
+        budget,
+        tuple(recipe.flags),
     )
 
 

@@ -31,6 +31,12 @@ def test_full_plan_is_every_method_budget_subject_and_seed():
     assert len(runs) == budgets * len(SUBJECTS) * len(subject_driven.SEEDS) == 132
     assert len({r.name for r in runs}) == len(runs)  # one folder and one cache entry each
     assert {r.budget for r in runs if r.method == "lily"} == {1, 2, 4, 8}
+    lily = subject_driven.RECIPE["lily"]
+    assert {(r.budget, r.learning_rate) for r in runs if r.method == "lily"} == {
+        *((b, lily.learning_rate) for b in (1, 2, 4)),
+        (8, lily.learning_rate_at(8)),
+    }
+    assert lily.learning_rate_at(8) == lily.learning_rate / 2  # r 20 at 2x, r 10 at 1x: the same lr x r
     assert {r.budget for r in runs if r.method == "lora"} == {1, 2, 4, 8}
     assert {r.budget for r in runs if r.method in ("dora", "lokr", "loha")} == {4}
     assert {r.subject for r in runs} == set(SUBJECTS) and {r.seed for r in runs} == {0, 1, 2}
