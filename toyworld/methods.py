@@ -103,7 +103,9 @@ RECIPE: dict[str, Recipe] = {
 # Where RECIPE's settings come from (printed in the results file).
 RECIPE_SOURCE = (
     "the cosine `--lr_sweep --prior both` on star, one seed (benchmarks/results/subject_driven_lr_sweep.md); "
-    "LoKr and LoHa were also run at 1.2e-2 and 1.6e-2 without prior, and neither beat their 8e-3"
+    "LoKr and LoHa were also run at 1.2e-2 and 1.6e-2 without prior, and neither beat their 8e-3; Lily at the 2x "
+    "budget (r 20) trains at half its rate, keeping lr x r as at 1x (set by that rule, not swept: at 6e-3 all 12 "
+    "of its runs broke, subject fidelity 0.055)"
 )
 
 
