@@ -105,7 +105,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(input_args)
     if args.lora_alpha is not None and args.method != "lora":
-        parser.error("--lora_alpha is a LoRA setting; Lily's update has no alpha (drop --lora_alpha)")
+        parser.error(f"--lora_alpha is a LoRA setting; --method {args.method} has no alpha here (drop --lora_alpha)")
     if min(args.save_steps) < 1 or args.rank < 1 or args.eval_seeds < 1 or args.inference_steps < 1:
         parser.error("--save_steps, --rank, --eval_seeds and --inference_steps must be positive")
     if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:

@@ -118,7 +118,8 @@ def test_train_flags_replace_the_benchmarks_own_and_name_the_run(tmp_path):
 
 def test_refusals(capsys):
     cases = {
-        "--lora_alpha is a LoRA setting": ["--method", "lily", "--lora_alpha", "8"],
+        "--lora_alpha is a LoRA setting; --method lily has no alpha": ["--method", "lily", "--lora_alpha", "8"],
+        "--method loha has no alpha": ["--method", "loha", "--lora_alpha", "8"],
         "must be positive": ["--save_steps", "0"],
         "must be a positive number": ["--learning_rate", "nan"],
         "--train_flags takes flags": ["--train_flags", "cosine"],
