@@ -55,7 +55,7 @@ def main(input_args: Sequence[str] | None = None) -> Path:
     specs = [
         RunSpec(
             method,
-            RECIPE[method].learning_rate,
+            RECIPE[method].learning_rate_at(LORA_RANK),
             args.with_prior_preservation,
             args.seed,
             args.steps or RECIPE[method].steps,
