@@ -134,9 +134,10 @@ def run_result(payload: RunPayload, result: dict[str, Any]) -> RunResult:
     )
 
 
-def solo_runs(jobs: Sequence[Job[RunPayload]]) -> list[str]:
-    """The runs that must run alone: per subject with more than one prior-preservation run, the first of them (it
-    generates the class images the others read). A subject's only prior run shares them with nothing."""
+def first_runs(jobs: Sequence[Job[RunPayload]]) -> list[str]:
+    """The runs that must finish before the others start: per subject with more than one prior-preservation run,
+    the first of them (it generates the class images the others read; each subject has its own, so these runs
+    need not wait for each other). A subject's only prior run shares them with nothing."""
     prior_runs = [job for job in jobs if job.payload.spec is not None and job.payload.spec.prior]
     shared = Counter(job.payload.subject for job in prior_runs)
     first = {job.payload.subject: job.name for job in reversed(prior_runs)}
@@ -154,13 +155,14 @@ def run_all_parallel(
     subject, failed outcomes).
 
     Runs on one subject with prior preservation share its class images; when there are several, the first of them
-    runs alone so that it generates them before any other run reads them (as in the one-process order). A subject's
-    only prior run shares them with nothing and runs in parallel like the rest.
+    finishes before the other runs start, so that it generates them before any other run reads them (as in the
+    one-process order); the subjects' first runs run in parallel with each other. A subject's only prior run
+    shares them with nothing and runs in parallel like the rest.
     `RuntimeError` if the base model cannot be scored (nothing can be compared without it).
     """
     jobs = make_jobs(specs, work_dir, plan)
     bases = [job for job in jobs if job.payload.spec is None]
-    outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, solo_runs(jobs), describe_scores, desc="trainings")
+    outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, first_runs(jobs), describe_scores, desc="trainings")
     base_scores: dict[str, dict[str, float]] = {}
     for outcome in outcomes[: len(bases)]:
         if outcome.result is None:

@@ -239,8 +239,9 @@ def run_jobs(
     """Run `work(job.payload)` for every job not in the cache, `n_jobs` worker processes at a time.
 
     `work` must be a module-level function (workers are spawned processes) returning JSON data. The jobs named
-    in `first` run alone, in order, before the others start (a job that creates something later ones share,
-    e.g. class images). Returns one `Outcome` per job, in the order given; errors are reported, not raised.
+    in `first` all finish before the others start (each creates something later ones share, e.g. a subject's
+    class images); they must not depend on each other, and run in parallel like the rest. Returns one `Outcome`
+    per job, in the order given; errors are reported, not raised.
     """
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
@@ -258,8 +259,8 @@ def run_jobs(
         logger.info(
             "%d of %d %s found in %s; running the other %d", len(outcomes), len(jobs), desc, cache_dir, len(pending)
         )
-    serial = [job for name in first for job in pending if job.name == name]
-    parallel = [job for job in pending if job not in serial]
+    before = [job for name in first for job in pending if job.name == name]
+    after = [job for job in pending if job not in before]
     started = time.perf_counter()
 
     def finish(job: Job[P], future: Future[tuple[dict[str, Any], float]], bar: tqdm) -> None:
@@ -298,15 +299,12 @@ def run_jobs(
                     min(n_jobs, len(pending)), mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
                 ) as pool,
             ):
-                for job in serial:
-                    future = _submit(pool, work, job)
-                    wait([future])
-                    finish(job, future, bar)
-                futures = {_submit(pool, work, job): job for job in parallel}
-                while futures:
-                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        finish(futures.pop(future), future, bar)
+                for stage in (before, after):
+                    futures = {_submit(pool, work, job): job for job in stage}
+                    while futures:
+                        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            finish(futures.pop(future), future, bar)
     failed = [o for o in outcomes.values() if not o.ok]
     logger.info(
         "%d %s in %.1f min: %d run, %d from the cache, %d failed",

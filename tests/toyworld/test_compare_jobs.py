@@ -4,7 +4,7 @@ import dataclasses
 from pathlib import Path
 
 from toyworld.compare import EvalPlan, RunSpec
-from toyworld.compare_jobs import files_fingerprint, make_jobs, solo_runs
+from toyworld.compare_jobs import files_fingerprint, first_runs, make_jobs
 
 PLAN = EvalPlan()
 SPECS = [RunSpec("lily", 3e-3, False, 0, 40), RunSpec("lora", 3e-3, True, 1, 40, "square", 2)]
@@ -53,11 +53,11 @@ def test_the_models_fingerprint_changes_with_any_byte(tmp_path):
     assert files_fingerprint.__wrapped__(tmp_path) != before
 
 
-def test_only_a_subjects_first_of_several_prior_runs_runs_alone():
+def test_only_a_subjects_first_of_several_prior_runs_runs_first():
     """It generates the class images the others read; a subject's only prior run waits for nothing."""
     lily, lora_square = SPECS
     seeds = [dataclasses.replace(lora_square, seed=seed) for seed in (0, 1, 2)]
     star_prior = dataclasses.replace(lily, prior=True)
     jobs = make_jobs([lily, star_prior, *seeds], Path("runs"), PLAN)
-    assert solo_runs(jobs) == ["square-lora-budget2-lr0.003-prior-seed0"]
-    assert solo_runs(make_jobs([lily, star_prior], Path("runs"), PLAN)) == []  # the demo: one prior run
+    assert first_runs(jobs) == ["square-lora-budget2-lr0.003-prior-seed0"]
+    assert first_runs(make_jobs([lily, star_prior], Path("runs"), PLAN)) == []  # the demo: one prior run

@@ -103,11 +103,13 @@ def test_workers_use_one_thread(tmp_path):
     assert [(o.result["torch"], o.result["omp"]) for o in outcomes] == [(1, "1"), (1, "1")]
 
 
-def test_first_jobs_run_alone_before_the_others(tmp_path):
-    jobs = [Job(name, (name, 0.3), {"name": name}) for name in ("a", "b", "c")]
-    outcomes = run_jobs(jobs, runner_jobs.interval, n_jobs=3, first=["b"])
+def test_first_jobs_finish_before_the_others_start_and_run_together(tmp_path):
+    jobs = [Job(name, (name, 1.0), {"name": name}) for name in ("a", "b", "c", "d")]
+    outcomes = run_jobs(jobs, runner_jobs.interval, n_jobs=2, first=["b", "d"])
     times = {o.job.name: o.result for o in outcomes}
-    assert times["b"]["end"] <= min(times["a"]["start"], times["c"]["start"])
+    assert max(times["b"]["end"], times["d"]["end"]) <= min(times["a"]["start"], times["c"]["start"])
+    # the first jobs share nothing with each other: both workers run them at once
+    assert times["b"]["start"] < times["d"]["end"] and times["d"]["start"] < times["b"]["end"]
 
 
 def test_bad_calls_are_refused_before_any_work(tmp_path):
