@@ -17,7 +17,7 @@ from .runner import default_jobs, use_one_thread
 from .subjects import DEFAULT_SUBJECT
 
 # Lily and LoRA with the benchmark's steps, learning rates and schedule (`toyworld.methods.RECIPE`), on the default
-# subject at the rank-4 budget; both without prior preservation unless asked (as benchmarks/results/
+# subject at the rank-4 budget; both without prior preservation unless asked (as benchmarks/results/recipe_2400/
 # subject_driven_noprior.md), so that only the adapter and its learning rate differ.
 DEMO_METHODS = ("lily", "lora")
 LORA_RANK = 4
