@@ -86,7 +86,7 @@ COSINE = ("--lr_scheduler=cosine", "--cache_latents")
 # Per method: the best (learning rate, prior preservation) of the cosine `--lr_sweep --prior both` on star over 1200
 # steps (benchmarks/results/subject_driven_lr_sweep.md: rates 2e-3, 4e-3, 8e-3 with and without prior, Lily also 6e-3
 # without; one seed), ranked by progress to the target. The picks are those of the same sweep over 2400 steps
-# (benchmarks/results/recipe_2400/): 1200 steps keep the full sweep within 90 minutes on 2 cores (2400 took 2.6 h).
+# (benchmarks/results/recipe_2400/). 1200 steps bring the full sweep to 97.6 min on 2 cores (2400 took 2.6 h).
 # 8e-3 without prior broke Lily and LoRA (subject fidelity 0.13 and 0.09) but is LoKr's and LoHa's best rate. LoRA's
 # pick is a near tie: 2e-3 with prior 0.74 (subject 0.67, unseen background lost), 4e-3 without 0.73 (subject 0.58,
 # every background).
