@@ -29,7 +29,7 @@ from torch import nn
 
 from ..budget import count_lora_parameters
 from ..config import LilyConfig
-from ..lora_files import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, is_lora_file
+from ..lora_files import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, is_lora_file, uniform_unet_lora_keys
 from .base import ADAPTER_NAME, AdapterError, AdapterOptions, Targets, copy_targets
 from .peft_kinds import PeftAdapterBackend
 
@@ -168,6 +168,7 @@ def _save_lora_weights(directory: Path, models: Mapping[str, nn.Module]) -> None
         name: convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
         for name, model in models.items()
     }
+    layers["unet"] = uniform_unet_lora_keys(layers["unet"])
     metadata = {name: model.peft_config[ADAPTER_NAME].to_dict() for name, model in models.items()}
     StableDiffusionXLPipeline.save_lora_weights(
         directory,

@@ -109,6 +109,40 @@ def test_lora_training_from_yaml_config(run_cli, base_args, subject_dir, tiny_sd
     assert np.isfinite(after).all() and np.abs(after - before).max() > 1e-4
 
 
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_lora_beyond_attention_loads_every_trained_layer(
+    run_cli, base_args, subject_dir, tiny_sdxl_path, tmp_path, adapter
+):
+    # diffusers renames only the attention projections of a UNet LoRA; a file mixing its names with peft's for
+    # proj_in / ff layers loads through `load_lora_weights` with the attention layers silently left untrained
+    out = tmp_path / "out"
+    targets = r".*(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$"
+    result = run_cli([
+        *base_args, "--adapter", adapter, "--rank", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
+        "--target_modules", targets, "--instance_prompt", PROMPT, "--instance_data_dir", subject_dir,
+        "--output_dir", out, "--output_kohya_format" if adapter == "lora" else "--cache_latents",
+    ])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    ups = {k.removesuffix(".lora.up.weight"): v for k, v in saved.items() if k.endswith(".lora.up.weight")}
+    assert not [k for k in saved if ".lora_A." in k or ".lora_B." in k]  # one naming for every layer
+    kinds = {name.rsplit(".", 1)[-1] if "ff.net" not in name else "ff" for name in ups}
+    assert kinds >= {"to_q", "to_k", "to_v", "0", "ff", "proj_in", "proj_out"}
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.load_lora_weights(out)
+    loaded = {
+        f"unet.{name}": module.lora_B["default_0"].weight
+        for name, module in pipe.unet.named_modules()
+        if hasattr(module, "lora_B") and "default_0" in module.lora_B
+    }
+    assert loaded.keys() == ups.keys()  # every trained layer has its LoRA ...
+    assert all(torch.equal(loaded[name], up) for name, up in ups.items())  # ... with the trained weights
+    assert all(up.abs().max() > 0 for up in ups.values())  # trained: B left its zero init everywhere
+    if adapter == "lora":
+        assert len(load_file(out / "pytorch_lora_weights_kohya.safetensors")) >= 2 * len(ups)
+
+
 def test_lily_text_encoders_captions_bf16(run_cli, base_args, lily_args, captioned_dir, tiny_sdxl_path, tmp_path):
     out = tmp_path / "out"
     result = run_cli([
