@@ -30,7 +30,7 @@ from lily_diffusion.serialization import read_lily_file
 
 from .evaluate import ToyEvaluator
 from .figures import column_header, subject_grid
-from .methods import REFERENCE_BUDGET, get_method, method_name
+from .methods import REFERENCE_BUDGET, TARGET_MODULES_FLAG, get_method, method_name
 from .paths import BASE_MODEL_DIR, TRAIN_SCRIPT
 from .paths import SUBJECT_DIR as SUBJECT_DIR  # re-exported: the default subject's folder
 from .render import BACKGROUNDS
@@ -117,9 +117,16 @@ def override_flags(flags: Sequence[str], overrides: Sequence[str]) -> list[str]:
     return [*(f for f in flags if f.split("=", 1)[0] not in names), *overrides]
 
 
+def method_flags(spec: RunSpec) -> list[str]:
+    """The run's method at its budget on the workbench's layers (`TARGET_MODULES`): the flags that make the adapter,
+    before the run's own `extra_flags`."""
+    return [*get_method(spec.method).flags(spec.budget), TARGET_MODULES_FLAG]
+
+
 def training_flags(spec: RunSpec, output_dir: Path, class_dir: Path) -> list[str]:
-    """The command line of one run: the subject's data, the method's flags at the run's budget, then the run's
-    `extra_flags` (which replace any flag of the same name, e.g. `--lr_scheduler`)."""
+    """The command line of one run: the subject's data, the method's flags at the run's budget on the workbench's
+    layers (`TARGET_MODULES`), then the run's `extra_flags` (which replace any flag of the same name, e.g.
+    `--lr_scheduler`)."""
     subject = get_subject(spec.subject)
     flags = [
         f"--pretrained_model_name_or_path={BASE_MODEL_DIR}",
@@ -135,7 +142,7 @@ def training_flags(spec: RunSpec, output_dir: Path, class_dir: Path) -> list[str
         "--report_to=none",
         "--checkpointing_steps=1000000",
         f"--output_dir={output_dir}",
-        *get_method(spec.method).flags(spec.budget),
+        *method_flags(spec),
     ]
     if spec.prior:
         flags += [

@@ -21,7 +21,7 @@ from typing import Any
 
 from lily_diffusion.grids import GridAdapter
 
-from .compare import EvalPlan, RunResult, RunSpec, adapter_settings, score, train
+from .compare import EvalPlan, RunResult, RunSpec, adapter_settings, method_flags, score, train
 from .paths import BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECTS_DIR
 from .runner import Job, Outcome, run_jobs
 from .subjects import get_subject
@@ -107,7 +107,11 @@ def make_jobs(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -> list[
         for subject in subjects
     ]
     runs = [
-        Job(spec.name, RunPayload(spec, work_dir, plan, spec.subject), {"spec": asdict(spec), **common})
+        Job(
+            spec.name,
+            RunPayload(spec, work_dir, plan, spec.subject),
+            {"spec": asdict(spec), "method_flags": method_flags(spec), **common},
+        )
         for spec in specs
     ]
     return [*bases, *runs]

@@ -43,7 +43,7 @@ def test_two_save_points_are_scored_tabulated_and_not_redone(tmp_path):
         }
         assert all(0.0 <= value <= 1.0 for key, value in point.items() if key != "similarity")
         assert -1.0 <= point["similarity"] <= 1.0  # a cosine similarity
-    assert 0 < run["params"] <= 32_768 and run["train_seconds"] > 0
+    assert 0 < run["params"] <= 69_632 and run["train_seconds"] > 0  # within LoRA r4 on the 48 layers
     assert json.loads(results.with_suffix(".json").read_text()) == records
 
     text = results.read_text()

@@ -173,17 +173,20 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
         assert all("(n=1)" in cell for cell in row[5:-1])  # one run: no interval, no "± 0.000"
         assert -1.0 <= values[1] <= 1.0  # similarity is a cosine
         assert all(0.0 <= v <= 1.0 for i, v in enumerate(values) if i != 1)  # the others are fractions
-    assert int(rows[0][4].replace(",", "")) == 32000 and int(rows[1][4].replace(",", "")) == 32768
+    # LoRA r4 on the workbench's 48 layers; Lily r 7 (stride_A 4, num_B 4) is the largest within it
+    assert int(rows[0][4].replace(",", "")) == 68544 and int(rows[1][4].replace(",", "")) == 69632
 
     paired = section(report, "Lily vs LoRA, paired over (subject, seed)")
+    lily, lora = (subject_driven.RECIPE[m] for m in ("lily", "lora"))
+    lily_prior, lora_prior = ("prior" if recipe.prior else "no prior" for recipe in (lily, lora))
     assert (
-        "- budget of LoRA rank 4: Lily (32,000 params, lr 0.006, no prior) − LoRA (32,768 params, lr 0.002, prior)"
-        in paired
-    )
+        f"- budget of LoRA rank 4: Lily (68,544 params, lr {lily.learning_rate:g}, {lily_prior})"
+        f" − LoRA (69,632 params, lr {lora.learning_rate:g}, {lora_prior})"
+    ) in paired
     assert "subject fidelity: " in paired and "prompt fidelity, unseen background: " in paired
     assert paired.count("sign test p = ") == 2
     assert table_rows(section(report, "Adapter sizes"))[1] == [
-        ["Lily", "LoRA r4 (1x)", "r 10, stride_A 4, num_B 4", "32,000"]
+        ["Lily", "LoRA r4 (1x)", "r 7, stride_A 4, num_B 4", "68,544"]
     ]
     per_subject = section(report, "Per subject")
     assert "### subject star" in per_subject and "| base model (no training) |" in per_subject

@@ -18,6 +18,7 @@ from toyworld.compare import (
     training_flags,
 )
 from toyworld.evaluate import ToyEvaluator
+from toyworld.methods import TARGET_MODULES_FLAG
 from toyworld.render import COLOURS, Scene, render
 from toyworld.subjects import SUBJECTS
 
@@ -48,6 +49,10 @@ def test_training_flags_follow_the_method_table_and_the_recipe_flags_replace_def
     assert flags[-1] == "--cache_latents"
     assert {"--adapter=lily", "--lily_stride_A=8", "--lily_num_B=2", "--match_lora_budget=2"} <= set(flags)
     assert "--rank=8" in training_flags(RunSpec("lora", 1e-3, False, 0, 300, budget=8), tmp_path, tmp_path)
+    assert TARGET_MODULES_FLAG in flags  # every method adapts the workbench's layers ...
+    attention = RunSpec("lily", 1e-3, False, 0, 300, extra_flags=("--target_modules=.*to_q$",))
+    targets = [f for f in training_flags(attention, tmp_path, tmp_path) if f.startswith("--target_modules")]
+    assert targets == ["--target_modules=.*to_q$"]  # ... unless the run's own flags name others
 
 
 def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
@@ -57,7 +62,7 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
     lily, lora = results
     assert lily.adapter.kind == "lily" and lora.adapter.kind == "lora"
     assert lily.adapter.num_parameters <= lora.adapter.num_parameters  # Lily within LoRA's budget
-    assert lily.settings == {"r": 10, "stride_A": 4, "num_B": 4} and lora.settings == {}  # read from the files
+    assert lily.settings == {"r": 7, "stride_A": 4, "num_B": 4} and lora.settings == {}  # read from the files
     for result in results:
         assert set(result.scores) == {
             "subject",

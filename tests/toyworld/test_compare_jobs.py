@@ -5,6 +5,7 @@ from pathlib import Path
 
 from toyworld.compare import EvalPlan, RunSpec
 from toyworld.compare_jobs import files_fingerprint, first_runs, make_jobs
+from toyworld.methods import TARGET_MODULES_FLAG
 
 PLAN = EvalPlan()
 SPECS = [RunSpec("lily", 3e-3, False, 0, 40), RunSpec("lora", 3e-3, True, 1, 40, "square", 2)]
@@ -30,6 +31,15 @@ def test_jobs_are_the_base_model_per_subject_then_each_run():
         "budget": 4,
         "extra_flags": (),
     }
+    # the adapter's own flags (its sharing at the budget, the layers it adapts) are part of the key too: a cached
+    # score of the same spec trained on other layers is not this run's
+    assert jobs[2].settings["method_flags"] == [
+        "--adapter=lily",
+        "--lily_stride_A=4",
+        "--lily_num_B=4",
+        "--match_lora_budget=4",
+        TARGET_MODULES_FLAG,
+    ]
 
 
 def test_the_key_follows_the_settings_not_the_folder():
