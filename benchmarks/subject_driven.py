@@ -32,7 +32,15 @@ from diffusers.optimization import SchedulerType
 from benchmarks.learning_curve import machine
 from toyworld.compare import EvalPlan, RunResult, RunSpec, override_flags, results_records, runs_grid
 from toyworld.compare_jobs import make_jobs, run_all_parallel
-from toyworld.methods import METHODS, RECIPE, RECIPE_SOURCE, REFERENCE_BUDGET, budget_label, method_name
+from toyworld.methods import (
+    METHODS,
+    RECIPE,
+    RECIPE_SOURCE,
+    REFERENCE_BUDGET,
+    TARGET_MODULES,
+    budget_label,
+    method_name,
+)
 from toyworld.paths import RESULTS as RESULTS_DIR
 from toyworld.paths import SAMPLES
 from toyworld.report import (
@@ -388,7 +396,9 @@ def render_report(
     subjects = list(dict.fromkeys(str(r["subject"]) for r in records))
     scoring = (
         f"Scores over {len(plan.seeds)} generation seeds x 3 subject prompts (two seen backgrounds, one unseen) and "
-        f"{len(plan.class_seeds)} class-prompt images; {plan.steps} inference steps, guidance {plan.guidance_scale}."
+        f"{len(plan.class_seeds)} class-prompt images; {plan.steps} inference steps, guidance {plan.guidance_scale}. "
+        f"Every adapter trains the UNet's {', '.join(f'`{name}`' for name in TARGET_MODULES)} layers "
+        "(`TARGET_MODULES`, toyworld/methods.py)."
     )
     if args.lr_sweep:
         return (

@@ -188,6 +188,8 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     assert table_rows(section(report, "Adapter sizes"))[1] == [
         ["Lily", "LoRA r4 (1x)", "r 7, stride_A 4, num_B 4", "68,544"]
     ]
+    layers = "`to_q`, `to_k`, `to_v`, `to_out.0`, `ff.net.0.proj`, `ff.net.2`, `proj_in`, `proj_out`"
+    assert f"Every adapter trains the UNet's {layers} layers" in report
     per_subject = section(report, "Per subject")
     assert "### subject star" in per_subject and "| base model (no training) |" in per_subject
     assert "2 of 2 planned runs finished, 0 of them by earlier invocations" in report and "Partial" not in report
