@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from .methods import REFERENCE_BUDGET, TARGET_MODULES_FLAG, get_method, method_n
 from .paths import BASE_MODEL_DIR, TRAIN_SCRIPT
 from .paths import SUBJECT_DIR as SUBJECT_DIR  # re-exported: the default subject's folder
 from .render import BACKGROUNDS
-from .runner import popen_dying_with_parent
+from .runner import start_script
 from .subjects import CLASS_PROMPT as CLASS_PROMPT  # re-exported: the default subject's prompts
 from .subjects import DEFAULT_SUBJECT, INSTANCE_PROMPT, Subject, get_subject
 
@@ -168,12 +167,16 @@ def adapter_settings(adapter: GridAdapter) -> dict[str, int]:
     return {"r": config.r, "stride_A": config.stride_A, "num_B": config.num_B}
 
 
+# What the training script imports, loaded once by the fork server that starts each training (`start_script`)
+TRAINING_IMPORTS = ("__main__", "lily_diffusion.training")  # "__main__": the caller's, imported once too
+
+
 def train(spec: RunSpec, work_dir: Path) -> tuple[GridAdapter, float]:
     """Run the training script; returns the saved adapter and the wall time."""
     output_dir = work_dir / spec.name
     command = [sys.executable, str(TRAIN_SCRIPT), *training_flags(spec, output_dir, class_images_dir(spec, work_dir))]
     started = time.perf_counter()
-    returncode, tail = run_with_progress(command, spec.name, spec.steps)
+    returncode, tail = run_with_progress(command, spec.name, spec.steps, TRAINING_IMPORTS)
     seconds = time.perf_counter() - started
     if returncode != 0:
         raise RuntimeError(f"training {spec.name} failed:\n" + "".join(tail))
@@ -183,26 +186,29 @@ def train(spec: RunSpec, work_dir: Path) -> tuple[GridAdapter, float]:
 STEPS_LINE = re.compile(r"^Steps:.*?(\d+)/\d+ \[")
 
 
-def run_with_progress(command: Sequence[str], name: str, total_steps: int) -> tuple[int, list[str]]:
+def run_with_progress(
+    command: Sequence[str], name: str, total_steps: int, preload: Sequence[str] = ()
+) -> tuple[int, list[str]]:
     """Run the training script, showing its step count on one progress bar; returns (exit code, last lines).
 
     The child's output is read line by line (tqdm's carriage returns count as line ends) and only
     its "Steps" bar is shown, so 36 runs do not flood the terminal with library warnings. On Linux the child is
-    killed when this process ends (a killed benchmark's worker leaves no training running).
+    killed when this process ends (a killed benchmark's worker leaves no training running). With `preload`, the
+    script runs in a child forked with those modules already imported (`runner.start_script`).
     """
     tail: deque[str] = deque(maxlen=40)
     with (
         tqdm(total=total_steps, desc=f"training {name}", unit="step", leave=False) as progress,
-        popen_dying_with_parent(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child,
+        start_script(command, preload) as (lines, wait),
     ):
-        assert child.stdout is not None
-        for line in child.stdout:
+        for line in lines:
             match = STEPS_LINE.match(line)
             if match:
                 progress.update(int(match.group(1)) - progress.n)
             else:
                 tail.append(line)
-    return child.returncode, list(tail)
+        returncode = wait()
+    return returncode, list(tail)
 
 
 def score(

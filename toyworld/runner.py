@@ -7,8 +7,9 @@ written to `<cache_dir>/<name>-<key>.json`, the key a hash of everything the res
 raises is reported with a one-line error (its full text goes to `<name>-<key>.error.txt`) and the others go
 on. One progress bar counts jobs (done/total, elapsed, ETA); each finished job logs one line.
 
-On Linux the workers, and the processes they start through `popen_dying_with_parent` (the training script), are
-killed when their parent ends: a benchmark killed (SIGKILL, SIGTERM) leaves no orphan running its queued jobs.
+On Linux the workers, and the processes they start through `start_script` (the training script: a new process, or
+one forked from a server that imported the script's libraries once), are killed when their parent ends: a benchmark
+killed (SIGKILL, SIGTERM) leaves no orphan running its queued jobs.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -132,6 +135,71 @@ def popen_dying_with_parent(command: Sequence[str], **kwargs: Any) -> subprocess
     if _PRCTL is not None:
         kwargs["preexec_fn"] = functools.partial(die_with_parent, os.getpid())
     return subprocess.Popen(command, **kwargs)
+
+
+@functools.cache
+def _preloading_context(preload: tuple[str, ...]) -> Any:
+    """The forkserver context whose server imports `preload` once; every child it forks starts with them imported.
+
+    A process has one fork server: the first preload asked for is the one it keeps."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    return context
+
+
+def _run_script_in_child(script: str, args: Sequence[str], output: Any) -> None:
+    """In a child of the fork server: run `script` as `python script *args` would, as `__main__`, with its stdout
+    and stderr written to the connection `output`; killed when the fork server ends (Linux)."""
+    die_with_parent(os.getppid())
+    # multiprocessing hands each child the fork server's keep-alive pipe (for servers of its own); the server ends
+    # when every copy is closed, so a child keeping one would keep the server, and itself, alive after the caller
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
+        server._forkserver_alive_fd = None
+    for stream in (1, 2):
+        os.dup2(output.fileno(), stream)
+    output.close()
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+@contextlib.contextmanager
+def start_script(
+    command: Sequence[str], preload: Sequence[str] = ()
+) -> Iterator[tuple[Iterable[str], Callable[[], int]]]:
+    """Start `command`, yielding (its stdout and stderr as lines, a function waiting for its exit status).
+
+    Without `preload`, a new process dying with this one (`popen_dying_with_parent`). With `preload` (module names),
+    `command` is `[python, script, *args]` and the script runs in a process forked from a server that imported
+    `preload` once, so a run skips their import (seconds for torch, diffusers and peft); the fork server ends with
+    this process and its children with it. A child still running when the block exits is killed.
+    """
+    if not preload:
+        with popen_dying_with_parent(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            assert child.stdout is not None
+            yield child.stdout, child.wait
+        return
+    context = _preloading_context(tuple(preload))
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_run_script_in_child, args=(str(command[1]), list(command[2:]), writer))
+    child.start()
+    writer.close()  # the child holds the only writing end: the lines end when it exits
+    lines = os.fdopen(os.dup(reader.fileno()), "r", errors="replace")
+    reader.close()
+
+    def wait() -> int:
+        child.join()
+        return int(child.exitcode if child.exitcode is not None else -1)
+
+    try:
+        with lines:
+            yield lines, wait
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
 
 
 def _worker_init(parent: int) -> None:

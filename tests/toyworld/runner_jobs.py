@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toyworld.runner import popen_dying_with_parent
+from toyworld.runner import popen_dying_with_parent, start_script
 
 
 def square(payload: tuple[int, Path]) -> dict[str, Any]:
@@ -51,4 +51,26 @@ def linger(pid_file: str) -> dict[str, Any]:
     partial.write_text(f"{os.getpid()} {child.pid}\n")
     partial.replace(pid_file)
     child.wait()
+    return {}
+
+
+LINGERING_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+partial = Path(sys.argv[1] + ".partial")
+partial.write_text(f"{sys.argv[2]} {os.getppid()} {os.getpid()}\\n")  # the worker, the fork server, this process
+partial.replace(sys.argv[1])
+time.sleep(30)
+"""
+
+
+def linger_preloaded(pid_file: str) -> dict[str, Any]:
+    """As `linger`, the child started by `start_script` from a preloading fork server, as `train` starts the
+    training script; 'worker-pid fork-server-pid child-pid' goes to `pid_file`."""
+    script = Path(f"{pid_file}.py")
+    script.write_text(LINGERING_SCRIPT)
+    with start_script([sys.executable, str(script), pid_file, str(os.getpid())], ("json",)) as (lines, wait):
+        for _ in lines:
+            pass
+        wait()
     return {}

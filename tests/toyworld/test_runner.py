@@ -163,17 +163,18 @@ BENCHMARK = """
 import sys
 from tests.toyworld import runner_jobs
 from toyworld.runner import Job, run_jobs
-run_jobs([Job("linger", sys.argv[1], {})], runner_jobs.linger, n_jobs=1)
+run_jobs([Job("linger", sys.argv[1], {})], getattr(runner_jobs, sys.argv[2]), n_jobs=1)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_benchmarks_worker_and_its_child_die_with_it(tmp_path, signal_number):
+@pytest.mark.parametrize("job", ["linger", "linger_preloaded"])  # a child of its own, one from a fork server
+def test_a_killed_benchmarks_worker_and_its_child_die_with_it(tmp_path, signal_number, job):
     pid_file, log = tmp_path / "pids.txt", tmp_path / "benchmark.log"
     with log.open("w") as output:  # (its resource tracker's note on the killed pool's semaphores goes here too)
         benchmark = subprocess.Popen(
-            [sys.executable, "-c", BENCHMARK, str(pid_file)],
+            [sys.executable, "-c", BENCHMARK, str(pid_file), job],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=output,
@@ -183,8 +184,8 @@ def test_a_killed_benchmarks_worker_and_its_child_die_with_it(tmp_path, signal_n
     try:
         assert wait_for(lambda: pid_file.exists() or benchmark.poll() is not None, 60), "no worker started in 60 s"
         assert pid_file.exists(), log.read_text()
-        pids = [int(pid) for pid in pid_file.read_text().split()]  # the worker, the process it started
-        assert len(pids) == 2 and all(running(pid) for pid in pids)
+        pids = [int(pid) for pid in pid_file.read_text().split()]  # the worker, (the fork server,) the child
+        assert len(pids) == (2 if job == "linger" else 3) and all(running(pid) for pid in pids)
         benchmark.send_signal(signal_number)
         assert benchmark.wait(10) == -signal_number
         assert wait_for(lambda: not any(running(pid) for pid in pids), 5), "orphans still running"
