@@ -95,30 +95,31 @@ class Recipe:
 
 COSINE = ("--lr_scheduler=cosine", "--cache_latents")
 
-# Per method: the best (learning rate, prior preservation) of the cosine `--lr_sweep --prior both` on star over 1200
-# steps (benchmarks/results/subject_driven_lr_sweep.md: rates 2e-3, 4e-3, 8e-3 with and without prior, Lily also 6e-3
-# without; one seed), ranked by progress to the target. The picks are those of the same sweep over 2400 steps
-# (benchmarks/results/recipe_2400/). 1200 steps bring the full sweep to 97.6 min on 2 cores (2400 took 2.6 h).
-# 8e-3 without prior broke Lily and LoRA (subject fidelity 0.13 and 0.09) but is LoKr's and LoHa's best rate. LoRA's
-# pick is a near tie: 2e-3 with prior 0.74 (subject 0.67, unseen background lost), 4e-3 without 0.73 (subject 0.58,
-# every background).
-# Lily at 2x trains at half the rate: its update is h B_mix with a fixed scaling (no alpha / r), so at the same rate
-# a larger r takes a larger step, and 6e-3 sits just below the rate that broke it at r 10 (8e-3). At 2400 steps, r 20
-# with 6e-3 broke all 12 runs (subject fidelity 0.055). 3e-3 keeps lr x r at 1x's 6e-3 x 10; it was set by that
-# rule, not swept.
+# Per method: the best (learning rate, prior preservation) of the cosine `--lr_sweep --prior both --learning_rates 2e-3
+# 4e-3 6e-3 8e-3` on star over 1200 steps, one seed, every adapter on TARGET_MODULES
+# (benchmarks/results/subject_driven_lr_sweep.md), ranked by progress to the target, ties by subject fidelity. Without
+# prior preservation every method learned the star at its best rate (subject fidelity 0.82-0.91, every background);
+# with it none passed 0.54, so no method trains with it, and class preservation is what that costs (0.00-0.12 at the
+# picked rates). LoRA's pick is a near tie (2e-3: 0.905, 4e-3: 0.913); 6e-3 broke LoRA (0.003) and 8e-3 Lily, LoRA
+# and DoRA.
+# At the 2x budget Lily trains at half its rate: its update is h B_mix with a fixed scaling (no alpha / r), so at the
+# same rate a larger r takes a larger step. The same star run at the 2x budget (`python -m benchmarks.learning_curve
+# --subject star --rank 8 --seed 0 --save_steps 1200 --train_flags='--lr_scheduler=cosine' --method M
+# --learning_rate LR`) broke Lily r 14 at 6e-3 (0.000) and gave 0.833 at 3e-3; LoRA r8 gave 0.914 at its 4e-3 and
+# 0.907 at 2e-3, so LoRA keeps its rate.
 RECIPE: dict[str, Recipe] = {
     "lily": Recipe(1200, 6e-3, COSINE, budget_learning_rates=((8, 3e-3),)),
-    "lora": Recipe(1200, 2e-3, COSINE, prior=True),
-    "dora": Recipe(1200, 4e-3, COSINE, prior=True),
-    "lokr": Recipe(1200, 8e-3, COSINE),
-    "loha": Recipe(1200, 8e-3, COSINE),
+    "lora": Recipe(1200, 4e-3, COSINE),
+    "dora": Recipe(1200, 4e-3, COSINE),
+    "lokr": Recipe(1200, 6e-3, COSINE),
+    "loha": Recipe(1200, 6e-3, COSINE),
 }
 # Where RECIPE's settings come from (printed in the results file).
 RECIPE_SOURCE = (
     "the cosine `--lr_sweep --prior both` on star over 1200 steps, one seed (benchmarks/results/"
-    "subject_driven_lr_sweep.md), which picked what the same sweep over 2400 steps had picked "
-    "(benchmarks/results/recipe_2400/); Lily at the 2x budget (r 20) trains at half its rate, keeping lr x r as at "
-    "1x (set by that rule, not swept: at 6e-3 and 2400 steps all 12 of its runs broke, subject fidelity 0.055)"
+    "subject_driven_lr_sweep.md): no method trains with prior preservation, which cost every method the subject "
+    "there; Lily at the 2x budget (r 14) trains at half its rate, keeping lr x r as at 1x (on the same star run at "
+    "2x, 6e-3 broke it: subject fidelity 0.000; 3e-3: 0.833)"
 )
 
 

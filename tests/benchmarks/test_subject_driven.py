@@ -103,7 +103,7 @@ def test_prior_replaces_the_recipes_prior_preservation_in_every_plan():
         ]
         assert {r.prior for r in plan} == {wanted}
         assert all(("-prior-" if wanted else "-noprior-") in r.name for r in plan)
-    assert {r.prior for r in recipe} == {True, False}  # LoRA's recipe has it, Lily's not
+    assert {r.prior for r in recipe} == {False}  # no recipe has it (in the lr sweep it cost every method the subject)
 
 
 def test_prior_both_sweeps_each_learning_rate_with_and_without_prior_and_picks_the_best_pair():
