@@ -88,6 +88,12 @@ def _stopped(state: TrainState) -> str:
     return f"training stopped; {where}"
 
 
+def _overflow_message(step: int, lr: float, state: TrainState) -> str:
+    """The one line for a learning rate whose update leaves float32, however the optimizer meets it."""
+    too_large = f"the optimizer update overflows float32 (learning rate {lr:g} is too large)"
+    return f"step {step}: {too_large}; {_stopped(state)}"
+
+
 @dataclass(frozen=True)
 class Updater:
     """Optimizer updates of the trainable parameters: clipping, the step, and the checks that stop a diverged run."""
@@ -113,6 +119,8 @@ class Updater:
         finite = torch.tensor([int(all_finite(self.parameters))], device=self.accelerator.device)
         if not bool(self.accelerator.gather(finite).all()):
             lr = self.lr_scheduler.get_last_lr()[0]
+            if lr > torch.finfo(torch.float32).max:  # a fused optimizer steps to inf where the loop raises
+                raise TrainingError(_overflow_message(self.state.global_step, lr, self.state))
             raise TrainingError(
                 f"step {self.state.global_step} (learning rate {lr:g}) made the adapter weights non-finite; "
                 f"{_stopped(self.state)}"
@@ -127,10 +135,7 @@ class Updater:
             if "overflow" not in str(err):
                 raise
             lr = self.lr_scheduler.get_last_lr()[0]
-            raise TrainingError(
-                f"step {self.state.global_step + 1}: the optimizer update overflows float32 (learning rate {lr:g} is "
-                f"too large); {_stopped(self.state)}"
-            ) from err
+            raise TrainingError(_overflow_message(self.state.global_step + 1, lr, self.state)) from err
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -79,17 +79,30 @@ def check_optimizer_backend(optim: OptimOptions, device: torch.device) -> None:
         ) from error
 
 
+# Devices with a fused AdamW kernel in every torch this project supports: one kernel steps every parameter instead
+# of a loop of small ops per parameter (the toy world's LoRA on CPU: 0.3 ms instead of 2.3 ms per step)
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_supported(groups: list[dict[str, object]]) -> bool:
+    """Whether torch's fused AdamW can step every parameter: floating point, on a device with its kernel."""
+    parameters = [p for group in groups for p in group["params"]]  # type: ignore[attr-defined]
+    return bool(parameters) and all(
+        p.device.type in FUSED_ADAMW_DEVICES and torch.is_floating_point(p) for p in parameters
+    )
+
+
 def build_optimizer(optim: OptimOptions, groups: list[dict[str, object]]) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer / --use_8bit_adam; a missing optional package is a clear error."""
-    if optim.optimizer == "adamw":
-        if optim.use_8bit_adam:
-            _require("8bit")
-            import bitsandbytes
+    betas, eps = (optim.adam_beta1, optim.adam_beta2), optim.adam_epsilon
+    if optim.optimizer == "adamw" and optim.use_8bit_adam:
+        _require("8bit")
+        import bitsandbytes
 
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        return optimizer_class(groups, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon)
+        return bitsandbytes.optim.AdamW8bit(groups, betas=betas, eps=eps)
+    if optim.optimizer == "adamw":
+        # fused=None: torch's own choice (its multi-tensor loop on accelerators without the fused kernel)
+        return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=fused_adamw_supported(groups) or None)
     _require("prodigy")
     import prodigyopt
 
@@ -99,9 +112,9 @@ def build_optimizer(optim: OptimOptions, groups: list[dict[str, object]]) -> tor
         group["lr"] = optim.learning_rate  # Prodigy adapts one learning rate for all groups
     return prodigyopt.Prodigy(
         groups,
-        betas=(optim.adam_beta1, optim.adam_beta2),
+        betas=betas,
         beta3=optim.prodigy_beta3,
-        eps=optim.adam_epsilon,
+        eps=eps,
         decouple=optim.prodigy_decouple,
         use_bias_correction=optim.prodigy_use_bias_correction,
         safeguard_warmup=optim.prodigy_safeguard_warmup,

@@ -90,3 +90,24 @@ def test_training_args_json_records_the_flags_as_given(tmp_path):
     assert recorded["learning_rate"] == 1e-4 and recorded["scale_lr"] is True and recorded["train_batch_size"] == 2
     assert recorded["hub_token"] == REDACTED and "hf_secret" not in text
     assert set(recorded) == {action.dest for action in build_parser()._actions if action.dest != "help"}
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_parameter_loop():
+    args = parse_options([*REQUIRED, "--learning_rate", "1e-2", "--train_text_encoder", "--text_encoder_lr", "1e-3"])
+    torch.manual_seed(0)
+    unet_p, te_p = [torch.nn.Parameter(torch.randn(4, 3))], [torch.nn.Parameter(torch.randn(5))]
+    reference_p = [torch.nn.Parameter(p.detach().clone()) for p in (*unet_p, *te_p)]
+    start = [p.detach().clone() for p in reference_p]
+    fused = build_optimizer(args.optim, parameter_groups(args.optim, unet_p, te_p))
+    assert fused.defaults["fused"] is True  # one kernel per step instead of a loop over the parameters
+    groups = parameter_groups(args.optim, reference_p[:1], reference_p[1:])
+    reference = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=False, foreach=False)
+    for step in range(5):
+        for p, q in zip((*unet_p, *te_p), reference_p, strict=True):
+            p.grad = torch.full_like(p, 0.1 * (step + 1)) + p.detach()
+            q.grad = p.grad.clone()
+        fused.step()
+        reference.step()
+    for p, q, before in zip((*unet_p, *te_p), reference_p, start, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert (p - before).abs().min() > 1e-3  # every entry moved: the comparison is not of untouched tensors
