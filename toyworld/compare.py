@@ -218,8 +218,9 @@ def score(
     plan: EvalPlan,
     subject: Subject = DEFAULT_SUBJECT,
 ) -> dict[str, float]:
-    """Subject fidelity, prompt (background) fidelity, also split by the subject's seen backgrounds and the unseen
-    one, and class preservation of one adapter, for `subject`."""
+    """Subject fidelity (overall, and on each background: `subject_white`, ...), prompt (background) fidelity, also
+    split by the subject's seen backgrounds and the unseen one, and class preservation of one adapter, for
+    `subject`."""
     prompts = plan.subject_prompts(subject)
     subject_images = generate_for_adapter(pipe, adapter, prompts, plan.seeds, plan.steps, plan.guidance_scale, None)
     row_prompts = [prompt for prompt in prompts for _ in plan.seeds]
@@ -227,8 +228,11 @@ def score(
         pipe, adapter, [subject.class_prompt], plan.class_seeds, plan.steps, plan.guidance_scale, None
     )
     backgrounds = evaluator.background_fidelity(subject_images, row_prompts, subject)
+    probabilities = evaluator.subject_probability(subject_images, subject).reshape(len(prompts), len(plan.seeds))
+    by_background = zip(BACKGROUNDS, probabilities.mean(axis=1).tolist(), strict=True)  # prompts in BACKGROUNDS order
     return {
-        "subject": float(np.mean(evaluator.subject_probability(subject_images, subject))),
+        "subject": float(np.mean(probabilities)),
+        **{f"subject_{background}": value for background, value in by_background},
         "similarity": float(np.mean(evaluator.subject_similarity(subject_images, subject))),
         "background": evaluator.prompt_fidelity(subject_images, row_prompts)["background"],
         "background_seen": backgrounds["seen"],

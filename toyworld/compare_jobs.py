@@ -53,8 +53,8 @@ def files_fingerprint(*folders: Path) -> str:
 
 
 @functools.cache
-def _pipeline_and_evaluator() -> tuple[Any, Any]:
-    """Loaded once per worker process."""
+def pipeline_and_evaluator() -> tuple[Any, Any]:
+    """The base pipeline and the evaluator, loaded once per (worker) process."""
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -72,7 +72,7 @@ def base_job_name(subject: str) -> str:
 
 def train_and_score(payload: RunPayload) -> dict[str, Any]:
     """The worker: train one adapter (from scratch: a half-written run folder is removed) and score it."""
-    pipe, evaluator = _pipeline_and_evaluator()
+    pipe, evaluator = pipeline_and_evaluator()
     subject = get_subject(payload.subject)
     if payload.spec is None:
         return {"scores": score(pipe, GridAdapter("base", None, "base", 0), evaluator, payload.plan, subject)}

@@ -35,6 +35,9 @@ def test_two_save_points_are_scored_tabulated_and_not_redone(tmp_path):
     for point in [*(p["scores"] for p in run["points"].values()), records["base"]["square"]]:
         assert set(point) == {
             "subject",
+            "subject_white",
+            "subject_gray",
+            "subject_black",
             "similarity",
             "background",
             "background_seen",

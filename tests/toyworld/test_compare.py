@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lily_diffusion.grids import GridAdapter
@@ -66,6 +67,9 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
     for result in results:
         assert set(result.scores) == {
             "subject",
+            "subject_white",
+            "subject_gray",
+            "subject_black",
             "similarity",
             "background",
             "background_seen",
@@ -73,6 +77,9 @@ def test_quick_run_trains_both_methods_and_scores_them(tmp_path):
             "class_preservation",
         }
         assert all(np.isfinite(v) for v in result.scores.values())
+        # one prompt per background, as many images each: the overall fidelity is the mean of the three
+        by_background = [result.scores[f"subject_{b}"] for b in ("white", "gray", "black")]
+        assert result.scores["subject"] == pytest.approx(np.mean(by_background), abs=1e-6)
         assert result.file_bytes == result.adapter.path.stat().st_size > 0
     records = json.loads(json.dumps(results_records(results)))
     assert [(r["method"], r["prior"], r["params"], r["budget_rank"], r["subject"]) for r in records] == [

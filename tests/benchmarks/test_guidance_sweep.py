@@ -1,0 +1,55 @@
+"""benchmarks/guidance_sweep.py: re-scoring a finished benchmark's adapters at other guidance scales."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import guidance_sweep
+
+RUN = "circle-loha-budget4-lr0.006-cosine-noprior-seed1"  # a committed run of the full benchmark
+
+
+def test_arguments_are_checked_before_any_work(tmp_path, capsys):
+    assert guidance_sweep.parse_args(["--guidance_scales", "5", "2", "5"]).guidance_scales == [2.0, 5.0]
+    for bad, message in (
+        (["--guidance_scales", "0.5"], "--guidance_scales must be numbers from 1 to 100"),
+        (["--guidance_scales", "nan"], "--guidance_scales must be numbers from 1 to 100"),
+        (["--benchmark", str(tmp_path / "none.json")], "is not a file"),
+    ):
+        with pytest.raises(SystemExit):
+            guidance_sweep.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_sweep_reproduces_the_benchmark_at_its_guidance_and_resumes_from_its_cache(tmp_path):
+    records = json.loads(guidance_sweep.BENCHMARK.read_text())["runs"]
+    record = next(r for r in records if r["name"] == RUN)
+    benchmark = tmp_path / "benchmark.json"
+    benchmark.write_text(json.dumps({"runs": [record, {**record, "name": "elsewhere", "budget_rank": 1}]}))
+    args = ["--benchmark", str(benchmark), "--subjects", "circle", "--guidance_scales", "2", "5", "--jobs", "1"]
+    args += ["--cache_dir", str(tmp_path / "cache"), "--results", str(tmp_path / "sweep.md")]
+    rows = guidance_sweep.main(args)
+    # the base model and the one run at the budget (not the run at another budget), at each guidance
+    assert [(r["method"], r["guidance"]) for r in rows] == [
+        ("base model", 2.0),
+        ("base model", 5.0),
+        ("loha", 2.0),
+        ("loha", 5.0),
+    ]
+    at_five = rows[3]["scores"]
+    for key in ("subject", "similarity", "background_seen", "background_unseen", "class_preservation"):
+        assert at_five[key] == pytest.approx(record["scores"][key], abs=1e-3)  # the benchmark's own scores
+    assert rows[2]["scores"] != at_five  # guidance changes the images
+    for scores in (rows[2]["scores"], at_five):
+        mean = sum(scores[f"subject_{b}"] for b in ("white", "gray", "black")) / 3
+        assert scores["subject"] == pytest.approx(mean, abs=1e-6)
+    text = (tmp_path / "sweep.md").read_text()
+    assert "## circle (seen backgrounds: white, black)" in text
+    assert "| LoHa | 2 | " in text and "| LoHa | 5 | " in text and "| base model | 5 | " in text
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    assert len(cached) == 4
+    assert guidance_sweep.main(args) == rows  # every score read back from the cache, none scored again
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == cached
