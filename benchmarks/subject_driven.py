@@ -7,9 +7,9 @@ python -m benchmarks.subject_driven --lr_sweep   # each method's learning rate o
 python -m benchmarks.subject_driven --work_dir runs/sd --resume   # continue an interrupted run
 
 Methods and budgets come from `toyworld.methods` (LoRA ranks 1, 2, 4, 8; Lily at 1/4, 1/2 and 1x the parameters of
-LoRA rank 4; DoRA, LoKr and LoHa at the rank-4 budget when the training script can train them); steps, learning
-rate and schedule per method from `RECIPE`. Trainings run in parallel processes (`--jobs`, default one per core),
-one torch thread each; every run's scores are cached in `--work_dir/scores`.
+LoRA rank 4, and 2x with `--optional_budgets`; DoRA, LoKr and LoHa at the rank-4 budget when the training script can
+train them); steps, learning rate and schedule per method from `RECIPE`. Trainings run in parallel processes
+(`--jobs`, default one per core), one torch thread each; every run's scores are cached in `--work_dir/scores`.
 """
 
 from __future__ import annotations
@@ -109,15 +109,19 @@ def recipe_spec(method: str, budget: int, subject: str, seed: int, steps: int | 
 
 
 def full_plan(
-    methods: Sequence[str], subjects: Sequence[str] = tuple(SUBJECTS), seeds: Sequence[int] = SEEDS
+    methods: Sequence[str],
+    subjects: Sequence[str] = tuple(SUBJECTS),
+    seeds: Sequence[int] = SEEDS,
+    optional_budgets: bool = False,
 ) -> list[RunSpec]:
-    """Every method at each of its budgets, on every subject, with every training seed; in the order an interrupted
-    run is most useful in: the rank-4 budget first (every method compared), then the other budgets; within a budget
-    seed by seed, so that each finished seed holds every method on every subject (paired comparisons)."""
+    """Every method at each of its budgets (with `optional_budgets`, also its optional ones), on every subject, with
+    every training seed; in the order an interrupted run is most useful in: the rank-4 budget first (every method
+    compared), then the other budgets; within a budget seed by seed, so that each finished seed holds every method on
+    every subject (paired comparisons)."""
     runs = [
         recipe_spec(method, budget, subject, seed)
         for method in methods
-        for budget in METHODS[method].budgets
+        for budget in (METHODS[method].all_budgets if optional_budgets else METHODS[method].budgets)
         for subject in subjects
         for seed in seeds
     ]
@@ -183,6 +187,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         help="Methods to train (default: every method of toyworld.methods the training script can train).",
     )
     parser.add_argument(
+        "--optional_budgets",
+        action="store_true",
+        help="The full run also trains each method at its optional budgets (Lily at 2x the rank-4 budget: 12 more "
+        "trainings, about 8 min on 2 cores).",
+    )
+    parser.add_argument(
         "--steps", type=int, default=None, help=f"Training steps per run (default: RECIPE's; quick: {QUICK_STEPS})."
     )
     parser.add_argument(
@@ -238,6 +248,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--learning_rates is for --lr_sweep (the other runs take each method's RECIPE learning rate)")
     if args.learning_rates is not None and min(args.learning_rates) <= 0:
         parser.error(f"--learning_rates must be positive, got {args.learning_rates}")
+    if args.optional_budgets and (args.quick or args.lr_sweep):
+        parser.error("--optional_budgets is for the full run (--quick and --lr_sweep train the rank-4 budget only)")
     if args.methods is not None and args.quick:
         parser.error("--methods is not for --quick (it trains Lily and LoRA)")
     for method in args.methods or ():
@@ -267,7 +279,8 @@ def plan_of(args: argparse.Namespace) -> list[RunSpec]:
         rates = args.learning_rates or LR_SWEEP_RATES
         plan = lr_sweep_plan(methods, args.subject or LR_SWEEP_SUBJECT, rates, args.steps)
     else:
-        plan = [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in full_plan(methods)]
+        runs = full_plan(methods, optional_budgets=args.optional_budgets)
+        plan = [recipe_spec(s.method, s.budget, s.subject, s.seed, args.steps) for s in runs]
     if args.prior is not None:
         priors = PRIOR_CHOICES[args.prior]
         plan = [dataclasses.replace(spec, prior=prior) for spec in plan for prior in priors]

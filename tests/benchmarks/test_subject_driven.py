@@ -27,19 +27,23 @@ def test_full_plan_is_every_method_budget_subject_and_seed():
     methods = ["lily", "lora", "dora", "lokr", "loha"]
     runs = subject_driven.full_plan(methods)
     budgets = sum(len(METHODS[m].budgets) for m in methods)
-    assert budgets == 4 + 4 + 1 + 1 + 1
-    assert len(runs) == budgets * len(SUBJECTS) * len(subject_driven.SEEDS) == 132
+    assert budgets == 3 + 4 + 1 + 1 + 1  # the "about 10 adapter settings"
+    assert len(runs) == budgets * len(SUBJECTS) * len(subject_driven.SEEDS) == 120
     assert len({r.name for r in runs}) == len(runs)  # one folder and one cache entry each
-    assert {r.budget for r in runs if r.method == "lily"} == {1, 2, 4, 8}
-    lily = subject_driven.RECIPE["lily"]
-    assert {(r.budget, r.learning_rate) for r in runs if r.method == "lily"} == {
-        *((b, lily.learning_rate) for b in (1, 2, 4)),
-        (8, lily.learning_rate_at(8)),
-    }
-    assert lily.learning_rate_at(8) == lily.learning_rate / 2  # r 20 at 2x, r 10 at 1x: the same lr x r
+    assert {r.budget for r in runs if r.method == "lily"} == {1, 2, 4}
     assert {r.budget for r in runs if r.method == "lora"} == {1, 2, 4, 8}
     assert {r.budget for r in runs if r.method in ("dora", "lokr", "loha")} == {4}
     assert {r.subject for r in runs} == set(SUBJECTS) and {r.seed for r in runs} == {0, 1, 2}
+    # with the optional budgets: Lily at 2x too, at its own rate there
+    extended = subject_driven.full_plan(methods, optional_budgets=True)
+    assert len(extended) == 132 and set(runs) < set(extended)
+    assert {(r.method, r.budget) for r in extended} - {(r.method, r.budget) for r in runs} == {("lily", 8)}
+    lily = subject_driven.RECIPE["lily"]
+    assert {(r.budget, r.learning_rate) for r in extended if r.method == "lily"} == {
+        *((b, lily.learning_rate) for b in (1, 2, 4)),
+        (8, lily.learning_rate_at(8)),
+    }
+    assert lily.learning_rate_at(8) == lily.learning_rate / 2  # r 14 at 2x, r 7 at 1x: the same lr x r
     # interrupted anywhere, what finished is the most comparable: the rank-4 budget's seed 0 for every method and
     # subject first, then its seed 1, ...; the other budgets after it
     first = runs[: len(methods) * len(SUBJECTS)]
@@ -58,6 +62,14 @@ def test_full_plan_is_every_method_budget_subject_and_seed():
     default = subject_driven.plan_of(subject_driven.parse_args([]))
     assert {r.method for r in default} == set(list(METHODS))
     assert len(default) == sum(len(METHODS[m].budgets) for m in list(METHODS)) * len(SUBJECTS) * 3
+    assert len(subject_driven.plan_of(subject_driven.parse_args(["--optional_budgets"]))) == len(extended)
+
+
+@pytest.mark.parametrize("mode", ["--quick", "--lr_sweep"])
+def test_optional_budgets_are_refused_outside_the_full_run(mode, capsys):
+    with pytest.raises(SystemExit):
+        subject_driven.parse_args([mode, "--optional_budgets"])
+    assert "--optional_budgets is for the full run" in capsys.readouterr().err
 
 
 def test_quick_and_lr_sweep_plans():

@@ -24,7 +24,8 @@ from toyworld.paths import BASE_MODEL_DIR
 def test_each_method_is_one_entry_with_its_flags_per_budget():
     assert list(METHODS) == ["lily", "lora", "dora", "lokr", "loha"]
     assert [method_name(m) for m in METHODS] == ["Lily", "LoRA", "DoRA", "LoKr", "LoHa"]
-    assert METHODS["lily"].budgets == METHODS["lora"].budgets == (1, 2, 4, 8)
+    assert METHODS["lora"].budgets == (1, 2, 4, 8) and METHODS["lora"].optional_budgets == ()
+    assert METHODS["lily"].budgets == (1, 2, 4) and METHODS["lily"].all_budgets == (1, 2, 4, 8)  # 2x if time allows
     assert all(METHODS[m].budgets == (4,) for m in ("dora", "lokr", "loha"))
     assert get_method("lora").flags(2) == ["--adapter=lora", "--rank=2", "--lora_alpha=2"]
     assert get_method("lily").flags(1) == [
@@ -49,7 +50,7 @@ def test_each_method_is_one_entry_with_its_flags_per_budget():
 def test_every_method_is_an_adapter_kind_whose_flags_parse():
     assert set(METHODS) == set(BACKENDS)
     for method in METHODS.values():
-        for budget in method.budgets:
+        for budget in method.all_budgets:
             flags = method.flags(budget)
             parse_args(["--pretrained_model_name_or_path=x", "--instance_data_dir=y", "--instance_prompt=z", *flags])
 
