@@ -183,6 +183,31 @@ def extension_error(output_dir: Path, steps: int) -> str | None:
     )
 
 
+def flag_value(flags: Sequence[str], name: str) -> str | None:
+    """The value of the last `--name=value` in `flags` (None if absent)."""
+    values = [f.partition("=")[2] for f in flags if f.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def layers_error(output_dir: Path, run: dict, flags: Sequence[str]) -> str | None:
+    """Why the earlier run of this name (its folder in `output_dir`, its scores in `run`) cannot be continued with
+    `flags`: it adapted other layers than `--target_modules` asks now (the name does not say which). None if it
+    can, or if nothing says which layers it had."""
+    asked = flag_value(flags, "target_modules")
+    args_file = output_dir / "training_args.json"
+    trained = json.loads(args_file.read_text()).get("target_modules") if args_file.is_file() else None
+    for what, where, layers in (
+        ("trained", f"in {output_dir.parent}", trained),
+        ("scored", "in the results file", run.get("target_modules") if run.get("points") else None),
+    ):
+        if layers is not None and layers != asked:
+            return (
+                f"{output_dir.name} {where} was {what} on the layers {layers!r}, not {asked!r}; move it away (or "
+                "use another --work_dir and --results) to start over on these layers"
+            )
+    return None
+
+
 def train(flags: Sequence[str], output_dir: Path, steps: int, name: str) -> float | None:
     """Train (resuming from the last checkpoint if a previous attempt was interrupted or the run is extended to
     more steps); the wall time of this attempt, or None when the run had already finished."""
@@ -349,7 +374,7 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
         "inference_steps": run.get("inference_steps"),
         "guidance_scale": run_guidance(run),
     }
-    refusal = extension_error(output_dir, max(args.save_steps))
+    refusal = extension_error(output_dir, max(args.save_steps)) or layers_error(output_dir, run, flags)
     if refusal is not None:
         raise SystemExit(f"error: {refusal}")
     if run["points"] and scored_with != asked:
@@ -365,6 +390,7 @@ def main(input_args: Sequence[str] | None = None) -> dict[str, dict]:
         eval_seeds=args.eval_seeds,
         inference_steps=args.inference_steps,
         guidance_scale=args.guidance_scale,
+        target_modules=flag_value(flags, "target_modules"),
         command=command,
         machine=run.get("machine") or machine(),
     )

@@ -11,6 +11,8 @@ from benchmarks.learning_curve import (
     base_key,
     extension_error,
     first_reached,
+    flag_value,
+    layers_error,
     main,
     parse_args,
     render_markdown,
@@ -19,6 +21,7 @@ from benchmarks.learning_curve import (
     run_name,
     with_flag,
 )
+from toyworld.methods import TARGET_MODULES_FLAG
 from toyworld.subjects import SUBJECTS
 
 FLAGS = ["--subject", "square", "--method", "lily", "--save_steps", "2", "4", "--eval_seeds", "1"]
@@ -175,3 +178,24 @@ def test_results_footer_names_the_command_machine_and_wall_time():
         "Machine: cpu  ",
         "Wall time: 1.5 min; 1 of 2 trained",
     ]
+
+
+def test_a_run_trained_or_scored_on_other_layers_is_not_continued(tmp_path):
+    """The run's name does not say which layers it adapted: a folder or scores from other layers are refused."""
+    name = "square-lily-lr0.003-seed0"
+    run = tmp_path / "runs" / name
+    run.mkdir(parents=True)
+    flags = run_flags(parse_args([*FLAGS, "--work_dir", str(tmp_path / "runs")]), run, SUBJECTS["square"])
+    ours = flag_value(flags, "target_modules")
+    assert ours == TARGET_MODULES_FLAG.partition("=")[2]
+    (run / "training_args.json").write_text(json.dumps({"target_modules": "to_q"}))
+    assert "was trained on the layers 'to_q'" in layers_error(run, {}, flags)
+    with pytest.raises(SystemExit, match="was trained on the layers 'to_q'"):
+        main([*FLAGS, "--work_dir", str(run.parent), "--results", str(tmp_path / "curves.md")])
+    assert not (run / "checkpoint-2").exists() and not (tmp_path / "curves.json").exists()
+    (run / "training_args.json").write_text(json.dumps({"target_modules": ours}))
+    assert layers_error(run, {}, flags) is None
+    assert layers_error(run, {"points": {}, "target_modules": "to_q"}, flags) is None  # nothing scored yet
+    scored = {"points": {"2": {}}, "target_modules": "to_q"}
+    assert "was scored on the layers 'to_q'" in layers_error(run, scored, flags)
+    assert layers_error(run, {**scored, "target_modules": ours}, flags) is None
