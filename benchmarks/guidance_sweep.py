@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.learning_curve import machine, results_footer
+from benchmarks.learning_curve import machine, results_footer, write_keeping_notes
 from lily_diffusion.grids import GridAdapter, describe_adapter
 from toyworld.compare import EvalPlan, score
 from toyworld.compare_jobs import files_fingerprint, pipeline_and_evaluator
@@ -41,6 +41,7 @@ RUNS_DIR = RESULTS / "subject_driven_runs"
 RESULTS_MD = RESULTS / "guidance_sweep.md"
 CACHE_DIR = REPO / "output" / "guidance_sweep"
 GUIDANCE_SCALES = (2.0, 3.5, 5.0)
+NOTES_HEADING = "## Reading the sweep"  # a hand-written section of the results file, kept on every rewrite
 BASE_RUN = "base model"
 
 
@@ -174,7 +175,7 @@ def main(input_args: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
     footer = results_footer("benchmarks.guidance_sweep", input_args, started, where)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(render(rows, args.guidance_scales, args.budget, footer))
+    write_keeping_notes(args.results, render(rows, args.guidance_scales, args.budget, footer), NOTES_HEADING)
     args.results.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 

@@ -265,10 +265,14 @@ def save_records(records: dict[str, dict], json_path: Path, md_path: Path) -> No
     """Write the JSON and rewrite the markdown from it (keeping the hand-written notes section)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(records, indent=1) + "\n")
-    notes = ""
-    if md_path.is_file() and NOTES_HEADING in md_path.read_text():
-        notes = md_path.read_text()[md_path.read_text().index(NOTES_HEADING) :]
-    md_path.write_text(render_markdown(records, json_path.name) + ("\n" + notes if notes else ""))
+    write_keeping_notes(md_path, render_markdown(records, json_path.name), NOTES_HEADING)
+
+
+def write_keeping_notes(path: Path, text: str, heading: str) -> None:
+    """Write a generated results file, keeping its hand-written section (from `heading` to the end) if it has one."""
+    old = path.read_text() if path.is_file() else ""
+    notes = old[old.index(heading) :] if heading in old else ""
+    path.write_text(text + ("\n" + notes if notes else ""))
 
 
 def first_reached(points: dict[str, dict[str, float]]) -> int | None:

@@ -51,5 +51,8 @@ def test_sweep_reproduces_the_benchmark_at_its_guidance_and_resumes_from_its_cac
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     assert len(cached) == 4
+    notes = f"{guidance_sweep.NOTES_HEADING}\n\nWritten by hand.\n"
+    (tmp_path / "sweep.md").write_text(text + "\n" + notes)
     assert guidance_sweep.main(args) == rows  # every score read back from the cache, none scored again
+    assert (tmp_path / "sweep.md").read_text().endswith("\n" + notes)  # the hand-written section is kept
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == cached
