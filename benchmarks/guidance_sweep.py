@@ -94,7 +94,9 @@ def make_jobs(
     return jobs
 
 
-def render(rows: Sequence[dict[str, Any]], guidance_scales: Sequence[float], budget: int, footer: str) -> str:
+def render(
+    rows: Sequence[dict[str, Any]], guidance_scales: Sequence[float], budget: int, benchmark: str, footer: str
+) -> str:
     """Markdown: per subject, one row per (method, guidance) with each score's mean [95% CI] over the seeds."""
     columns = ["subject", *(f"subject_{b}" for b in BACKGROUNDS), "background_seen", "background_unseen"]
     columns.append("class_preservation")
@@ -103,7 +105,7 @@ def render(rows: Sequence[dict[str, Any]], guidance_scales: Sequence[float], bud
     lines = [
         "# Subject-driven scores by guidance scale",
         "",
-        f"The benchmark's saved adapters at the LoRA r{budget} budget (`subject_driven.json`, every seed), scored "
+        f"The benchmark's saved adapters at the LoRA r{budget} budget (`{benchmark}`, every seed), scored "
         f"again with its scorer at guidance {', '.join(f'{g:g}' for g in guidance_scales)} (the benchmark "
         f"scores at {EvalPlan.guidance_scale:g}). Cells: mean [95% bootstrap interval] over the training seeds; "
         "subject fidelity is also split by the background the prompt asks for.",
@@ -139,6 +141,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(input_args)
     if any(not math.isfinite(g) or not 1.0 <= g <= 100.0 for g in args.guidance_scales):
         parser.error(f"--guidance_scales must be numbers from 1 to 100, not {args.guidance_scales}")
+    if args.budget < 1 or (args.jobs is not None and args.jobs < 1):
+        parser.error("--budget and --jobs must be at least 1")
     if not args.benchmark.is_file():
         parser.error(f"--benchmark {args.benchmark} is not a file; run python -m benchmarks.subject_driven first")
     args.guidance_scales = sorted(set(args.guidance_scales))
@@ -175,7 +179,8 @@ def main(input_args: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
     footer = results_footer("benchmarks.guidance_sweep", input_args, started, where)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_keeping_notes(args.results, render(rows, args.guidance_scales, args.budget, footer), NOTES_HEADING)
+    text = render(rows, args.guidance_scales, args.budget, args.benchmark.name, footer)
+    write_keeping_notes(args.results, text, NOTES_HEADING)
     args.results.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 

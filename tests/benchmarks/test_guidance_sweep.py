@@ -17,6 +17,8 @@ def test_arguments_are_checked_before_any_work(tmp_path, capsys):
         (["--guidance_scales", "0.5"], "--guidance_scales must be numbers from 1 to 100"),
         (["--guidance_scales", "nan"], "--guidance_scales must be numbers from 1 to 100"),
         (["--benchmark", str(tmp_path / "none.json")], "is not a file"),
+        (["--jobs", "0"], "--budget and --jobs must be at least 1"),
+        (["--budget", "0"], "--budget and --jobs must be at least 1"),
     ):
         with pytest.raises(SystemExit):
             guidance_sweep.parse_args(bad)
@@ -46,7 +48,7 @@ def test_sweep_reproduces_the_benchmark_at_its_guidance_and_resumes_from_its_cac
         mean = sum(scores[f"subject_{b}"] for b in ("white", "gray", "black")) / 3
         assert scores["subject"] == pytest.approx(mean, abs=1e-6)
     text = (tmp_path / "sweep.md").read_text()
-    assert "## circle (seen backgrounds: white, black)" in text
+    assert "## circle (seen backgrounds: white, black)" in text and "(`benchmark.json`, every seed)" in text
     assert "| LoHa | 2 | " in text and "| LoHa | 5 | " in text and "| base model | 5 | " in text
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
