@@ -47,23 +47,23 @@ BASE_RUN = "base model"
 
 @dataclass(frozen=True)
 class SweepPayload:
-    """One scoring: a run's adapter folder (None: the base model) on its subject at one guidance scale."""
+    """One scoring: a run's adapter folder (None: the base model) on its subject, with the benchmark's plan at one
+    guidance scale."""
 
     run: str
     folder: Path | None
     subject: str
-    guidance_scale: float
+    plan: EvalPlan
 
 
 def score_at_guidance(payload: SweepPayload) -> dict[str, Any]:
-    """The worker: the benchmark's scores of one adapter (or the base model) at the payload's guidance scale."""
+    """The worker: the scores of one adapter (or the base model) with the payload's plan."""
     pipe, evaluator = pipeline_and_evaluator()
     if payload.folder is None:
         adapter = GridAdapter("base", None, "base", 0)
     else:
         adapter = describe_adapter(payload.run, payload.folder)
-    plan = replace(EvalPlan(), guidance_scale=payload.guidance_scale)
-    return {"scores": score(pipe, adapter, evaluator, plan, get_subject(payload.subject))}
+    return {"scores": score(pipe, adapter, evaluator, payload.plan, get_subject(payload.subject))}
 
 
 def sweep_runs(records: Sequence[dict[str, Any]], budget: int, subjects: Sequence[str]) -> list[dict[str, Any]]:
@@ -77,19 +77,19 @@ def make_jobs(
     """The base model on each subject, then every run, at every guidance scale; settings hold what a score depends
     on (the adapter file's bytes among them, through the fingerprint of its folder)."""
     models = files_fingerprint(BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECTS_DIR)
-    plans = {g: asdict(replace(EvalPlan(), guidance_scale=g)) for g in guidance_scales}
+    plans = {g: replace(EvalPlan(), guidance_scale=g) for g in guidance_scales}
     jobs = []
     for subject in dict.fromkeys(subject_of(r) for r in runs):
         for g in guidance_scales:
-            payload = SweepPayload(BASE_RUN, None, subject, g)
-            settings = {"base": subject, "plan": plans[g], "models": models}
+            payload = SweepPayload(BASE_RUN, None, subject, plans[g])
+            settings = {"base": subject, "plan": asdict(plans[g]), "models": models}
             jobs.append(Job(f"{BASE_RUN}-{subject}-g{g:g}", payload, settings))
     for run in runs:
         folder = runs_dir / run["name"]
         fingerprint = files_fingerprint(folder)
         for g in guidance_scales:
-            payload = SweepPayload(run["name"], folder, subject_of(run), g)
-            settings = {"run": run["name"], "adapter": fingerprint, "plan": plans[g], "models": models}
+            payload = SweepPayload(run["name"], folder, subject_of(run), plans[g])
+            settings = {"run": run["name"], "adapter": fingerprint, "plan": asdict(plans[g]), "models": models}
             jobs.append(Job(f"{run['name']}-g{g:g}", payload, settings))
     return jobs
 
@@ -173,7 +173,7 @@ def main(input_args: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "run": payload.run,
                 "method": method,
                 "subject": payload.subject,
-                "guidance": payload.guidance_scale,
+                "guidance": payload.plan.guidance_scale,
                 "scores": outcome.result["scores"],
             }
         )
