@@ -95,7 +95,12 @@ def make_jobs(
 
 
 def render(
-    rows: Sequence[dict[str, Any]], guidance_scales: Sequence[float], budget: int, benchmark: str, footer: str
+    rows: Sequence[dict[str, Any]],
+    guidance_scales: Sequence[float],
+    budget: int,
+    benchmark: str,
+    benchmark_guidance: float | None,
+    footer: str,
 ) -> str:
     """Markdown: per subject, one row per (method, guidance) with each score's mean [95% CI] over the seeds."""
     columns = ["subject", *(f"subject_{b}" for b in BACKGROUNDS), "background_seen", "background_unseen"]
@@ -106,8 +111,13 @@ def render(
         "# Subject-driven scores by guidance scale",
         "",
         f"The benchmark's saved adapters at the LoRA r{budget} budget (`{benchmark}`, every seed), scored "
-        f"again with its scorer at guidance {', '.join(f'{g:g}' for g in guidance_scales)} (the benchmark "
-        f"scores at {EvalPlan.guidance_scale:g}). Cells: mean [95% bootstrap interval] over the training seeds; "
+        f"again with its scorer at guidance {', '.join(f'{g:g}' for g in guidance_scales)} ("
+        + (
+            "its file does not record the benchmark's guidance"
+            if benchmark_guidance is None
+            else f"the benchmark scored them at {benchmark_guidance:g}"
+        )
+        + "). Cells: mean [95% bootstrap interval] over the training seeds; "
         "subject fidelity is also split by the background the prompt asks for.",
         "",
     ]
@@ -154,7 +164,8 @@ def main(input_args: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(input_args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started, where = time.perf_counter(), machine()
-    runs = sweep_runs(json.loads(args.benchmark.read_text())["runs"], args.budget, args.subjects)
+    benchmark = json.loads(args.benchmark.read_text())
+    runs = sweep_runs(benchmark["runs"], args.budget, args.subjects)
     missing = sorted({r["name"] for r in runs if not (args.runs_dir / r["name"]).is_dir()})
     if not runs or missing:
         raise SystemExit(f"no adapter folder in {args.runs_dir} for: {', '.join(missing) or 'any run at the budget'}")
@@ -179,7 +190,8 @@ def main(input_args: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
     footer = results_footer("benchmarks.guidance_sweep", input_args, started, where)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    text = render(rows, args.guidance_scales, args.budget, args.benchmark.name, footer)
+    guidance = benchmark.get("plan", {}).get("guidance_scale")  # files written before the plan was recorded: None
+    text = render(rows, args.guidance_scales, args.budget, args.benchmark.name, guidance, footer)
     write_keeping_notes(args.results, text, NOTES_HEADING)
     args.results.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows

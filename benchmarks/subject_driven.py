@@ -495,7 +495,8 @@ def main(input_args: Sequence[str] | None = None) -> str:
     if results_path is not None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(report)
-        data = {"base_model": base_scores, "runs": records, "failed": {o.job.name: o.error for o in failed}}
+        data = {"plan": dataclasses.asdict(plan), "base_model": base_scores, "runs": records}
+        data["failed"] = {o.job.name: o.error for o in failed}
         results_path.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     logging.getLogger(__name__).info("%s", report)
     if failed:

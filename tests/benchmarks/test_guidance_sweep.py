@@ -26,30 +26,33 @@ def test_arguments_are_checked_before_any_work(tmp_path, capsys):
 
 
 def test_sweep_reproduces_the_benchmark_at_its_guidance_and_resumes_from_its_cache(tmp_path):
-    records = json.loads(guidance_sweep.BENCHMARK.read_text())["runs"]
-    record = next(r for r in records if r["name"] == RUN)
+    committed = json.loads(guidance_sweep.BENCHMARK.read_text())
+    record = next(r for r in committed["runs"] if r["name"] == RUN)
+    at = committed["plan"]["guidance_scale"]  # the guidance the benchmark scored its runs at
     benchmark = tmp_path / "benchmark.json"
-    benchmark.write_text(json.dumps({"runs": [record, {**record, "name": "elsewhere", "budget_rank": 1}]}))
-    args = ["--benchmark", str(benchmark), "--subjects", "circle", "--guidance_scales", "2", "5", "--jobs", "1"]
+    runs = [record, {**record, "name": "elsewhere", "budget_rank": 1}]
+    benchmark.write_text(json.dumps({"plan": committed["plan"], "runs": runs}))
+    args = ["--benchmark", str(benchmark), "--subjects", "circle", "--guidance_scales", "2", f"{at:g}", "--jobs", "1"]
     args += ["--cache_dir", str(tmp_path / "cache"), "--results", str(tmp_path / "sweep.md")]
     rows = guidance_sweep.main(args)
     # the base model and the one run at the budget (not the run at another budget), at each guidance
     assert [(r["method"], r["guidance"]) for r in rows] == [
         ("base model", 2.0),
-        ("base model", 5.0),
+        ("base model", at),
         ("loha", 2.0),
-        ("loha", 5.0),
+        ("loha", at),
     ]
-    at_five = rows[3]["scores"]
+    as_benchmarked = rows[3]["scores"]
     for key in ("subject", "similarity", "background_seen", "background_unseen", "class_preservation"):
-        assert at_five[key] == pytest.approx(record["scores"][key], abs=1e-3)  # the benchmark's own scores
-    assert rows[2]["scores"] != at_five  # guidance changes the images
-    for scores in (rows[2]["scores"], at_five):
+        assert as_benchmarked[key] == pytest.approx(record["scores"][key], abs=1e-3)  # the benchmark's own scores
+    assert rows[2]["scores"] != as_benchmarked  # guidance changes the images
+    for scores in (rows[2]["scores"], as_benchmarked):
         mean = sum(scores[f"subject_{b}"] for b in ("white", "gray", "black")) / 3
         assert scores["subject"] == pytest.approx(mean, abs=1e-6)
     text = (tmp_path / "sweep.md").read_text()
     assert "## circle (seen backgrounds: white, black)" in text and "(`benchmark.json`, every seed)" in text
-    assert "| LoHa | 2 | " in text and "| LoHa | 5 | " in text and "| base model | 5 | " in text
+    assert f"the benchmark scored them at {at:g})" in text
+    assert "| LoHa | 2 | " in text and f"| LoHa | {at:g} | " in text and f"| base model | {at:g} | " in text
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     assert len(cached) == 4

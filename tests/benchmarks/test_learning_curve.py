@@ -1,6 +1,7 @@
 """benchmarks.learning_curve end to end in its smallest form: a few steps, two save points, scored, then extended."""
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -18,24 +19,31 @@ from benchmarks.learning_curve import (
     render_markdown,
     results_footer,
     run_flags,
+    run_guidance,
     run_name,
     with_flag,
 )
+from toyworld.compare import EvalPlan
 from toyworld.methods import TARGET_MODULES_FLAG
 from toyworld.subjects import SUBJECTS
 
 FLAGS = ["--subject", "square", "--method", "lily", "--save_steps", "2", "4", "--eval_seeds", "1"]
 
 
-def test_two_save_points_are_scored_tabulated_and_not_redone(tmp_path):
+def test_two_save_points_are_scored_tabulated_and_not_redone(tmp_path, monkeypatch):
     results = tmp_path / "curves.md"
     args = [*FLAGS, "--inference_steps", "2", "--work_dir", str(tmp_path / "runs"), "--results", str(results)]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     records = main(args)
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # the training it starts uses one thread (two curves side by side)
     name = "square-lily-lr0.003-seed0"
     run = records["runs"][name]
     assert list(run["points"]) == ["2", "4"]
     assert all((tmp_path / "runs" / name / f"checkpoint-{step}").is_dir() for step in (2, 4))
-    for point in [*(p["scores"] for p in run["points"].values()), records["base"]["square"]]:
+    for point in [
+        *(p["scores"] for p in run["points"].values()),
+        records["base"][base_key("square", EvalPlan.guidance_scale)],
+    ]:
         assert set(point) == {
             "subject",
             "subject_white",
@@ -139,8 +147,14 @@ def test_refusals(capsys):
 
 
 def test_base_scores_at_another_guidance_are_kept_apart():
-    assert base_key("star", 5.0) == "star"
+    assert base_key("star", 5.0) == "star (guidance 5)"
     assert base_key("star", 3.0) == "star (guidance 3)"
+
+
+def test_a_run_recorded_without_its_guidance_was_scored_at_5_whatever_the_default():
+    assert EvalPlan.guidance_scale != 5.0
+    assert run_guidance({"points": {}}) == 5.0
+    assert run_guidance({"points": {}, "guidance_scale": 3.5}) == 3.5
 
 
 def test_first_reached_needs_both_targets():
