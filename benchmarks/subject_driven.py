@@ -213,6 +213,15 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         "planned run is missing.",
     )
     parser.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="Train nothing: score the adapters of the finished run whose results JSON this is (they are in "
+        "--work_dir) with this invocation's scorer, e.g. at another guidance. Each run's training time, and the "
+        "command and wall time of the run that trained them, come from that file.",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=None, help="Trainings at once, one process each (default: one per core)."
     )
     parser.add_argument(
@@ -261,8 +270,12 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--report_only needs --work_dir (the folder whose finished runs it reports)")
     if args.resume and args.work_dir is None:
         parser.error("--resume needs --work_dir (the folder whose cached scores it continues from)")
+    if args.rescore is not None and (args.work_dir is None or args.report_only):
+        parser.error("--rescore needs --work_dir (the folder holding the adapters) and scores, so not --report_only")
+    if args.rescore is not None and not args.rescore.is_file():
+        parser.error(f"--rescore {args.rescore} is not a file")
     cached = sorted((args.work_dir / "scores").glob("*.json")) if args.work_dir is not None else []
-    if cached and not (args.resume or args.report_only):
+    if cached and not (args.resume or args.report_only or args.rescore):
         parser.error(
             f"{args.work_dir} already holds {len(cached)} finished runs' scores; pass --resume to continue from "
             "them, or choose another --work_dir"
@@ -301,6 +314,46 @@ def finished_seconds(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -
     runs = [job for job in make_jobs(specs, work_dir, plan) if job.payload.spec is not None]  # not the base model
     cached = {job.name: read_cached(job, cache_dir) for job in runs}
     return {name: entry.seconds for name, entry in cached.items() if entry is not None}
+
+
+def rescore_inputs(results_json: Path, specs: Sequence[RunSpec], work_dir: Path) -> tuple[dict[str, float], dict]:
+    """For `--rescore`: each run's training seconds by name, and the `trainings` record (command, wall time,
+    machine) of the finished run whose results JSON is `results_json`. `SystemExit` in one sentence unless that
+    file trained every planned run with the same spec and `work_dir` holds each one's adapter file at its size."""
+    data = json.loads(results_json.read_text())
+    if "trainings" not in data:
+        raise SystemExit(f"error: --rescore {results_json} does not record the command that trained its runs")
+    records = {str(r["name"]): r for r in data["runs"]}
+
+    def same_spec(record: dict | None, spec: RunSpec) -> bool:
+        return record is not None and spec == RunSpec(
+            **{f.name: record[f.name] for f in dataclasses.fields(RunSpec)}
+            | {"extra_flags": tuple(record["extra_flags"])}
+        )
+
+    def has_adapter(spec: RunSpec) -> bool:
+        size = records[spec.name]["file_bytes"]
+        return any(p.stat().st_size == size for p in (work_dir / spec.name).glob("*.safetensors"))
+
+    unmatched = [spec.name for spec in specs if not same_spec(records.get(spec.name), spec)]
+    missing = [spec.name for spec in specs if not unmatched and not has_adapter(spec)]
+    for names, what in ((unmatched, f"{results_json} did not train"), (missing, f"{work_dir} lacks the adapter of")):
+        if names:
+            listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise SystemExit(f"error: --rescore: {what} {len(names)} planned run(s): {listed}")
+    return {spec.name: float(records[spec.name]["train_seconds"]) for spec in specs}, data["trainings"]
+
+
+def trainings_line(trainings: dict, results_json: Path, work_dir: Path) -> str:
+    """Where a rescored report's adapters and training times come from."""
+    earlier = trainings["earlier_runs"]
+    return (
+        f"Trained nothing: the adapters in `{work_dir}` are those of the run in `{results_json.name}`, trained by "
+        f"`{trainings['command']}` ({trainings['wall_minutes']} min wall on {trainings['machine']}, "
+        f"{trainings['jobs']} training processes"
+        + (f"; {earlier} of its runs trained by earlier invocations in its work folder" if earlier else "")
+        + "); the training times above are that run's."
+    )
 
 
 def partial_note(missing: Sequence[RunSpec], planned: int, argv: Sequence[str]) -> str:
@@ -462,9 +515,10 @@ def main(input_args: Sequence[str] | None = None) -> str:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or Path(scratch)
+        trained, trainings = rescore_inputs(args.rescore, specs, work_dir) if args.rescore else ({}, None)
         before = finished_seconds(specs, work_dir, plan)
         to_run = [spec for spec in specs if spec.name in before] if args.report_only else specs
-        results, base_scores, failed = run_all_parallel(to_run, work_dir, plan, n_jobs, work_dir / "scores")
+        results, base_scores, failed = run_all_parallel(to_run, work_dir, plan, n_jobs, work_dir / "scores", trained)
         records = results_records(results)
         grids = write_grids(results, records, plan, grids_dir) if grids_dir is not None and records else []
         run_seconds = finished_seconds(specs, work_dir, plan)
@@ -482,20 +536,32 @@ def main(input_args: Sequence[str] | None = None) -> str:
         extras += [f"![{path.stem}]({os.path.relpath(path, where)})\n\n" for path in grids]
     failures = "".join(f"- {o.job.name}: {o.error}\n" for o in failed)
     title, _, body = render_report(args, records, base_scores, plan, extras).partition("\n\n")
+    command = shlex.join(["python", "-m", "benchmarks.subject_driven", *argv])
+    where = machine()
+    own = "scoring" if args.rescore else "training and scoring"
     report = (
         f"{title}\n\n{partial_note(missing, len(specs), argv)}{body}"
         + (f"## Failed runs\n\n{failures}\n" if failures else "")
+        + (f"{trainings_line(trainings, args.rescore, work_dir)}\n\n" if trainings else "")
         + f"{len(run_seconds)} of {len(specs)} planned runs finished, {len(before)} of them by earlier invocations "
-        f"(their scores cached in the work folder). Every finished run's own time, training and scoring in one "
+        f"(their scores cached in the work folder). Every finished run's own time, {own} in one "
         f"process with one torch thread, sums to {process_hours:.2f} process-hours: about "
         f"{process_hours / n_jobs:.2f} h of wall time at {n_jobs} processes. This invocation: {minutes:.1f} min wall "
-        f"on {machine()}, {n_jobs} training processes.\n\n"
-        f"```bash\n{shlex.join(['python', '-m', 'benchmarks.subject_driven', *argv])}\n```\n"
+        f"on {where}, {n_jobs} processes.\n\n"
+        f"```bash\n{command}\n```\n"
     )
     if results_path is not None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(report)
-        data = {"plan": dataclasses.asdict(plan), "base_model": base_scores, "runs": records}
+        # what trained the adapters: this invocation, or (rescored) the run whose file it read
+        trainings = trainings or {
+            "command": command,
+            "wall_minutes": round(minutes, 1),
+            "machine": where,
+            "jobs": n_jobs,
+            "earlier_runs": len(before),
+        }
+        data = {"plan": dataclasses.asdict(plan), "trainings": trainings, "base_model": base_scores, "runs": records}
         data["failed"] = {o.job.name: o.error for o in failed}
         results_path.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     logging.getLogger(__name__).info("%s", report)

@@ -14,12 +14,12 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lily_diffusion.grids import GridAdapter
+from lily_diffusion.grids import GridAdapter, describe_adapter
 
 from .compare import EvalPlan, RunResult, RunSpec, adapter_settings, method_flags, score, train
 from .paths import BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECTS_DIR
@@ -33,12 +33,15 @@ BASE_JOB = "base-model"
 
 @dataclass(frozen=True)
 class RunPayload:
-    """What a worker needs for one job: a run (None: score the base model on `subject`), where it goes, the plan."""
+    """What a worker needs for one job: a run (None: score the base model on `subject`), where it goes, the plan;
+    with `trained_seconds`, the run's adapter is already in its folder (trained earlier, in that many seconds) and
+    is only scored."""
 
     spec: RunSpec | None
     work_dir: Path
     plan: EvalPlan
     subject: str
+    trained_seconds: float | None = None
 
 
 @functools.cache
@@ -71,15 +74,19 @@ def base_job_name(subject: str) -> str:
 
 
 def train_and_score(payload: RunPayload) -> dict[str, Any]:
-    """The worker: train one adapter (from scratch: a half-written run folder is removed) and score it."""
+    """The worker: train one adapter (from scratch: a half-written run folder is removed) and score it; a payload
+    with `trained_seconds` scores the adapter already in the run's folder."""
     pipe, evaluator = pipeline_and_evaluator()
     subject = get_subject(payload.subject)
     if payload.spec is None:
         return {"scores": score(pipe, GridAdapter("base", None, "base", 0), evaluator, payload.plan, subject)}
     output_dir = payload.work_dir / payload.spec.name
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    adapter, seconds = train(payload.spec, payload.work_dir)
+    if payload.trained_seconds is not None:
+        adapter, seconds = describe_adapter(payload.spec.name, output_dir), payload.trained_seconds
+    else:
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        adapter, seconds = train(payload.spec, payload.work_dir)
     return {
         "adapter": {
             "file": adapter.path.name,
@@ -93,9 +100,13 @@ def train_and_score(payload: RunPayload) -> dict[str, Any]:
     }
 
 
-def make_jobs(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -> list[Job[RunPayload]]:
+def make_jobs(
+    specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan, trained: Mapping[str, float] | None = None
+) -> list[Job[RunPayload]]:
     """The base model's job per subject of the runs, then one job per run; settings hold everything a score
-    depends on."""
+    depends on. A run named in `trained` (name: its training seconds) is scored from the adapter already in its
+    folder: the same settings, since the adapter is the one its spec trains."""
+    trained = trained or {}
     common = {"plan": asdict(plan), "models": files_fingerprint(BASE_MODEL_DIR, EVALUATOR_DIR, SUBJECTS_DIR)}
     subjects = dict.fromkeys(spec.subject for spec in specs)
     bases = [
@@ -109,7 +120,7 @@ def make_jobs(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -> list[
     runs = [
         Job(
             spec.name,
-            RunPayload(spec, work_dir, plan, spec.subject),
+            RunPayload(spec, work_dir, plan, spec.subject, trained.get(spec.name)),
             {"spec": asdict(spec), "method_flags": method_flags(spec), **common},
         )
         for spec in specs
@@ -154,6 +165,7 @@ def run_all_parallel(
     plan: EvalPlan,
     n_jobs: int | None = None,
     cache_dir: Path | None = None,
+    trained: Mapping[str, float] | None = None,
 ) -> tuple[list[RunResult], dict[str, dict[str, float]], list[Outcome[RunPayload]]]:
     """`compare.run_all` in `n_jobs` processes: (results of the runs that finished, the base model's scores by
     subject, failed outcomes).
@@ -161,10 +173,11 @@ def run_all_parallel(
     Runs on one subject with prior preservation share its class images; when there are several, the first of them
     finishes before the other runs start, so that it generates them before any other run reads them (as in the
     one-process order); the subjects' first runs run in parallel with each other. A subject's only prior run
-    shares them with nothing and runs in parallel like the rest.
+    shares them with nothing and runs in parallel like the rest. Runs named in `trained` are only scored
+    (`make_jobs`).
     `RuntimeError` if the base model cannot be scored (nothing can be compared without it).
     """
-    jobs = make_jobs(specs, work_dir, plan)
+    jobs = make_jobs(specs, work_dir, plan, trained)
     bases = [job for job in jobs if job.payload.spec is None]
     outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, first_runs(jobs), describe_scores, desc="trainings")
     base_scores: dict[str, dict[str, float]] = {}

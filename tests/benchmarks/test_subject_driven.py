@@ -243,12 +243,36 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     assert [row[0] for row in table_rows(section(partial, "All runs"))[1]] == ["Lily"]
     assert not list((work_dir / "scores").glob("star-lora-*.json"))
 
+    # --rescore scores the saved adapters with another plan (3 denoising steps), training nothing; each run's
+    # training time and the command that trained them come from the first run's JSON
+    trained = json.loads(results.with_suffix(".json").read_text())
+    rescored = tmp_path / "rescored.md"
+    rescore = ["--quick", "--steps", "3", "--inference_steps", "3", "--jobs", "2", "--work_dir", str(work_dir)]
+    text = subject_driven.main([*rescore, "--rescore", str(results.with_suffix(".json")), "--results", str(rescored)])
+    assert adapter.stat().st_mtime_ns == trained_at  # not trained again
+    data = json.loads(rescored.with_suffix(".json").read_text())
+    assert (data["plan"]["steps"], trained["plan"]["steps"]) == (3, 2)
+    assert data["trainings"] == trained["trainings"] and "--quick" in trained["trainings"]["command"]
+    kept = ("name", "train_seconds", "file_bytes", "params")
+    assert [[r[k] for k in kept] for r in data["runs"]] == [[r[k] for k in kept] for r in trained["runs"]]
+    assert [r["scores"] for r in data["runs"]] != [r["scores"] for r in trained["runs"]]  # other images
+    assert all(0.0 <= r["scores"]["subject"] <= 1.0 for r in data["runs"])
+    assert f"trained by `{trained['trainings']['command']}`" in text and "Trained nothing" in text
+    # refused before any work: a results file that did not train every planned run, a missing adapter
+    with pytest.raises(SystemExit, match=r"did not train 1 planned run\(s\): star-lora-"):
+        subject_driven.main([*rescore, "--rescore", str(tmp_path / "partial.json"), "--results", str(rescored)])
+    adapter.rename(adapter.with_suffix(".moved"))
+    with pytest.raises(SystemExit, match=rf"{work_dir} lacks the adapter of 1 planned run\(s\): {lily_run}"):
+        subject_driven.main([*rescore, "--rescore", str(results.with_suffix(".json")), "--results", str(rescored)])
+
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--resume"], "--resume needs --work_dir"),
         (["--report_only"], "--report_only needs --work_dir"),
+        (["--rescore", "results.json"], "--rescore needs --work_dir"),
+        (["--rescore", "no/such.json", "--work_dir", "runs"], "--rescore no/such.json is not a file"),
         (["--jobs", "0"], "--jobs must be at least 1"),
         (["--lr_scheduler", "exponential"], "--lr_scheduler: invalid choice"),
         (["--steps", "0"], "--steps must be at least 1"),
