@@ -320,15 +320,19 @@ def rescore_inputs(results_json: Path, specs: Sequence[RunSpec], work_dir: Path)
     """For `--rescore`: each run's training seconds by name, and the `trainings` record (command, wall time,
     machine) of the finished run whose results JSON is `results_json`. `SystemExit` in one sentence unless that
     file trained every planned run with the same spec and `work_dir` holds each one's adapter file at its size."""
-    data = json.loads(results_json.read_text())
-    if "trainings" not in data:
-        raise SystemExit(f"error: --rescore {results_json} does not record the command that trained its runs")
-    records = {str(r["name"]): r for r in data["runs"]}
+    try:
+        data = json.loads(results_json.read_text())
+        records = {str(r["name"]): r for r in data["runs"]}
+        trainings = data["trainings"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(
+            f"error: --rescore {results_json} is not a results file that records what trained its runs ({error!r})"
+        ) from None
 
     def same_spec(record: dict | None, spec: RunSpec) -> bool:
         return record is not None and spec == RunSpec(
-            **{f.name: record[f.name] for f in dataclasses.fields(RunSpec)}
-            | {"extra_flags": tuple(record["extra_flags"])}
+            **{f.name: record.get(f.name) for f in dataclasses.fields(RunSpec)}
+            | {"extra_flags": tuple(record.get("extra_flags") or ())}
         )
 
     def has_adapter(spec: RunSpec) -> bool:
@@ -341,7 +345,7 @@ def rescore_inputs(results_json: Path, specs: Sequence[RunSpec], work_dir: Path)
         if names:
             listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise SystemExit(f"error: --rescore: {what} {len(names)} planned run(s): {listed}")
-    return {spec.name: float(records[spec.name]["train_seconds"]) for spec in specs}, data["trainings"]
+    return {spec.name: float(records[spec.name]["train_seconds"]) for spec in specs}, trainings
 
 
 def trainings_line(trainings: dict, results_json: Path, work_dir: Path) -> str:

@@ -179,7 +179,8 @@ def run_all_parallel(
     """
     jobs = make_jobs(specs, work_dir, plan, trained)
     bases = [job for job in jobs if job.payload.spec is None]
-    outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, first_runs(jobs), describe_scores, desc="trainings")
+    desc = "scorings" if trained else "trainings"
+    outcomes = run_jobs(jobs, train_and_score, n_jobs, cache_dir, first_runs(jobs), describe_scores, desc=desc)
     base_scores: dict[str, dict[str, float]] = {}
     for outcome in outcomes[: len(bases)]:
         if outcome.result is None:

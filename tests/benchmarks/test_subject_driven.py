@@ -261,6 +261,9 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     # refused before any work: a results file that did not train every planned run, a missing adapter
     with pytest.raises(SystemExit, match=r"did not train 1 planned run\(s\): star-lora-"):
         subject_driven.main([*rescore, "--rescore", str(tmp_path / "partial.json"), "--results", str(rescored)])
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in trained.items() if k != "trainings"}))
+    with pytest.raises(SystemExit, match="is not a results file that records what trained its runs"):
+        subject_driven.main([*rescore, "--rescore", str(tmp_path / "old.json"), "--results", str(rescored)])
     adapter.rename(adapter.with_suffix(".moved"))
     with pytest.raises(SystemExit, match=rf"{work_dir} lacks the adapter of 1 planned run\(s\): {lily_run}"):
         subject_driven.main([*rescore, "--rescore", str(results.with_suffix(".json")), "--results", str(rescored)])
