@@ -88,7 +88,8 @@ class EvalPlan:
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     steps: int = 20
     # 3.5, not 5: at 5 an unseen colour drifts pale on the black background and no adapter draws the circle there
-    # (benchmarks/results/guidance_sweep.md); 3.5 keeps every seen background (README, "Lily vs LoRA").
+    # (benchmarks/results/guidance_sweep.md); at 3.5 every subject is learned by some method and the seen backgrounds
+    # hold for nearly every adapter (README, "Why guidance 3.5").
     guidance_scale: float = 3.5
 
     @property
