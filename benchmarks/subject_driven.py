@@ -316,6 +316,10 @@ def finished_seconds(specs: Sequence[RunSpec], work_dir: Path, plan: EvalPlan) -
     return {name: entry.seconds for name, entry in cached.items() if entry is not None}
 
 
+# what a results JSON's "trainings" records about the invocation that trained its runs (`main` writes them)
+TRAININGS_FIELDS = ("command", "wall_minutes", "machine", "jobs", "earlier_runs")
+
+
 def rescore_inputs(results_json: Path, specs: Sequence[RunSpec], work_dir: Path) -> tuple[dict[str, float], dict]:
     """For `--rescore`: each run's training seconds by name, and the `trainings` record (command, wall time,
     machine) of the finished run whose results JSON is `results_json`. `SystemExit` in one sentence unless that
@@ -324,6 +328,9 @@ def rescore_inputs(results_json: Path, specs: Sequence[RunSpec], work_dir: Path)
         data = json.loads(results_json.read_text())
         records = {str(r["name"]): r for r in data["runs"]}
         trainings = data["trainings"]
+        absent = [key for key in TRAININGS_FIELDS if key not in trainings]
+        if absent:
+            raise KeyError(f"trainings lacks {', '.join(absent)}")
     except (ValueError, KeyError, TypeError) as error:
         raise SystemExit(
             f"error: --rescore {results_json} is not a results file that records what trained its runs ({error!r})"
@@ -340,7 +347,7 @@ def rescore_inputs(results_json: Path, specs: Sequence[RunSpec], work_dir: Path)
         return any(p.stat().st_size == size for p in (work_dir / spec.name).glob("*.safetensors"))
 
     unmatched = [spec.name for spec in specs if not same_spec(records.get(spec.name), spec)]
-    missing = [spec.name for spec in specs if not unmatched and not has_adapter(spec)]
+    missing = [] if unmatched else [spec.name for spec in specs if not has_adapter(spec)]
     for names, what in ((unmatched, f"{results_json} did not train"), (missing, f"{work_dir} lacks the adapter of")):
         if names:
             listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -558,13 +565,9 @@ def main(input_args: Sequence[str] | None = None) -> str:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(report)
         # what trained the adapters: this invocation, or (rescored) the run whose file it read
-        trainings = trainings or {
-            "command": command,
-            "wall_minutes": round(minutes, 1),
-            "machine": where,
-            "jobs": n_jobs,
-            "earlier_runs": len(before),
-        }
+        trainings = trainings or dict(
+            zip(TRAININGS_FIELDS, (command, round(minutes, 1), where, n_jobs, len(before)), strict=True)
+        )
         data = {"plan": dataclasses.asdict(plan), "trainings": trainings, "base_model": base_scores, "runs": records}
         data["failed"] = {o.job.name: o.error for o in failed}
         results_path.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")

@@ -264,6 +264,10 @@ def test_quick_benchmark_runs_in_parallel_writes_its_tables_and_resumes(tmp_path
     (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in trained.items() if k != "trainings"}))
     with pytest.raises(SystemExit, match="is not a results file that records what trained its runs"):
         subject_driven.main([*rescore, "--rescore", str(tmp_path / "old.json"), "--results", str(rescored)])
+    partial_trainings = {**trained, "trainings": {k: v for k, v in trained["trainings"].items() if k != "machine"}}
+    (tmp_path / "old.json").write_text(json.dumps(partial_trainings))
+    with pytest.raises(SystemExit, match="trainings lacks machine"):
+        subject_driven.main([*rescore, "--rescore", str(tmp_path / "old.json"), "--results", str(rescored)])
     adapter.rename(adapter.with_suffix(".moved"))
     with pytest.raises(SystemExit, match=rf"{work_dir} lacks the adapter of 1 planned run\(s\): {lily_run}"):
         subject_driven.main([*rescore, "--rescore", str(results.with_suffix(".json")), "--results", str(rescored)])
